@@ -1,0 +1,22 @@
+"""qlora-kit: QLoRA fine-tuning with a frozen 4/8-bit base and trainable LoRA factors."""
+
+from .adapters import load_adapter, save_adapter
+from .config import LoRAConfig, QuantConfig
+from .layers import QuantLinear
+from .loading import load_quantized
+from .patch import (
+    adapter_disabled,
+    add_lora,
+    lora_layers,
+    parameter_report,
+    select_targets,
+    set_adapter_enabled,
+    trainable_parameters,
+)
+
+__all__ = [
+    "LoRAConfig", "QuantConfig", "QuantLinear",
+    "load_quantized", "add_lora", "select_targets", "lora_layers", "trainable_parameters", "parameter_report",
+    "set_adapter_enabled", "adapter_disabled", "save_adapter", "load_adapter",
+]
+__version__ = "0.1.0"

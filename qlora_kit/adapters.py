@@ -1,0 +1,192 @@
+"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+Keys are PEFT's (`base_model.model.<module path>.lora_A.weight`, A is (r, in), B is (out, r)), so
+`peft.PeftModel.from_pretrained` reads what is saved here and this module reads what PEFT saves.
+Only safetensors are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import QuantConfig, pattern_lookup
+from .io import atomic_dir
+from .layers import QuantLinear
+from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_linear
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QA-LoRA"}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA factors as a PEFT adapter folder (atomically; replaces an existing one).
+
+    Returns:
+        The adapter folder.
+    Raises:
+        ValueError: when the model has no LoRA layers.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to save; call add_lora first")
+    ranks = {n: m.r for n, m in layers.items()}
+    alphas = {n: m.lora_alpha for n, m in layers.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    first = next(iter(layers.values()))
+    source = getattr(model, "qlora_source", {})
+    lora_cfg = getattr(model, "qlora_lora_config", None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or source.get("path") or getattr(
+            getattr(model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)),
+        "target_modules": sorted(layers),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "use_rslora": bool(lora_cfg.rslora) if lora_cfg else False,
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_fingerprint": fingerprint(model),
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read an adapter folder: its config and {module path: (A, B)}.
+
+    Raises:
+        FileNotFoundError, ValueError: missing files, unreadable or unsupported contents.
+    """
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this an adapter folder?")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise ValueError(f"{cfg_file}: {what} adapters ({key}=true) are not supported")
+    if not weights.is_file():
+        hint = " (adapter_model.bin is pickled and is never loaded)" if (path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}{hint}")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                module, part = _split_key(key)
+                if part is None:
+                    raise ValueError(f"{weights}: tensor {key!r} is not a LoRA A/B weight (only LoRA factors "
+                                     "are supported; modules_to_save and embedding adapters are not)")
+                pairs.setdefault(module, {})[part] = f.get_tensor(key)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights}: module {module!r} has lora_{next(iter(ab))} but not both factors")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{weights}: module {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                             "which are not (r, in) and (out, r)")
+        out[module] = (a, b)
+    if not out:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    return config, out
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for part in ("A", "B"):
+        for suffix in (f".lora_{part}.weight", f".lora_{part}.default.weight"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)], part
+    return name, None
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter into the model: creates the LoRA layers, or fills existing ones.
+
+    Args:
+        check_base: refuse an adapter whose recorded base fingerprint differs from the model's.
+    Returns:
+        The model, patched in place.
+    Raises:
+        ValueError: the adapter's target names or shapes do not fit the model; nothing is changed then.
+    """
+    path = Path(path)
+    config, pairs = read_adapter(path)
+    recorded = config.get("base_model_fingerprint")
+    if check_base and recorded and recorded != fingerprint(model):
+        raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
+                         f"model's is {fingerprint(model)}; base was {config.get('base_model_name_or_path')!r})")
+    modules = dict(model.named_modules())
+    existing = lora_layers(model)
+    for name, (a, b) in pairs.items():  # check everything before changing anything
+        module = modules.get(name)
+        if module is None or not is_linear(module):
+            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
+            raise ValueError(f"{path}: adapter targets {name!r}, which this {type(model).__name__} has not ({what})")
+        in_f, out_f = _in_out(module)
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise ValueError(f"{path}: adapter for {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)}, but the "
+                             f"layer is {in_f} -> {out_f}")
+        if existing and (name not in existing or existing[name].r != a.shape[0]):
+            raise ValueError(f"{path}: adapter for {name!r} (r={a.shape[0]}) does not fit the model's existing "
+                             "LoRA layers; load it into a model without LoRA instead")
+    if existing and set(existing) != set(pairs):
+        extra = sorted(set(existing) - set(pairs))[0]
+        raise ValueError(f"{path}: adapter has no factors for the model's LoRA layer {extra!r}")
+    scale_alpha = config.get("alpha_pattern") or {}
+    for name, (a, b) in pairs.items():
+        layer = modules[name]
+        if not isinstance(layer, QuantLinear):
+            layer = to_quant_linear(layer, QuantConfig(quant="none", compute_dtype=layer.weight.dtype))
+            set_submodule(model, name, layer.to(layer.weight.device))
+        if layer.lora_A is None:
+            r = a.shape[0]
+            alpha = pattern_lookup(scale_alpha, name, config.get("lora_alpha", 8))
+            layer.attach_lora(r, alpha, float(config.get("lora_dropout", 0.0)),
+                              rslora=bool(config.get("use_rslora", False)), dtype=a.dtype)
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+    trainable = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return model
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, QuantLinear):
+        return module.in_features, module.out_features
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if not isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])

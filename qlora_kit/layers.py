@@ -1,0 +1,135 @@
+"""The frozen quantized linear and the LoRA branch on top of it.
+
+    y = base(x) + scaling * B(A(dropout(x)))          scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+`QuantLinear` replaces an `nn.Linear` (or transformers' transposed `Conv1D`) in place. Its packed
+weight is registered as buffers named after the weight (`weight`, `weight_absmax`, ...), so the
+module path and the weight key stay what they were. LoRA factors are absent until `attach_lora`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import formats
+from .config import QuantConfig
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x @ dequant(W).T whose backward keeps only the packed weight, never a dense copy.
+
+    The base weight is frozen, so backward computes only the input gradient, dequantizing the
+    weight again for that one matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer  # a reference to the module: its packed buffers, nothing dense
+        return x @ layer.dequantize().t()  # (..., in) @ (in, out) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w = ctx.layer.dequantize(grad_out.dtype)  # (out, in)
+        return grad_out @ w, None
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer stored in nf4 / fp4 / int8 (or unquantized), with optional LoRA."""
+
+    def __init__(self, in_features: int, out_features: int, packed: dict[str, Tensor], cfg: QuantConfig,
+                 bias: Tensor | None = None, fan_in_fan_out: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.blocksize = cfg.quant, cfg.blocksize
+        self.compute_dtype = cfg.compute_dtype
+        self.int8_threshold = cfg.int8_threshold
+        self.fan_in_fan_out = fan_in_fan_out  # the source stored the weight as (in, out), like GPT-2's Conv1D
+        self._packed_names = []
+        for key, t in packed.items():
+            name = "weight" if key == "weight" else f"weight_{key}"
+            self.register_buffer(name, t)
+            self._packed_names.append((key, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(cfg.compute_dtype), requires_grad=False)
+        self.lora_A: nn.Parameter | None = None  # (r, in)
+        self.lora_B: nn.Parameter | None = None  # (out, r)
+        self.lora_dropout: nn.Module = nn.Identity()
+        self.r, self.lora_alpha, self.scaling = 0, 0.0, 0.0
+        self.lora_enabled = True
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, cfg: QuantConfig, bias: Tensor | None = None,
+                   fan_in_fan_out: bool = False) -> QuantLinear:
+        """Quantize a dense weight. With fan_in_fan_out the weight is (in, out) and is transposed first."""
+        w = weight.t() if fan_in_fan_out else weight
+        out_features, in_features = w.shape
+        return cls(in_features, out_features, formats.quantize(w, cfg), cfg, bias, fan_in_fan_out)
+
+    # ---- the frozen base -------------------------------------------------------------------
+    def packed(self) -> dict[str, Tensor]:
+        return {key: getattr(self, name) for key, name in self._packed_names}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense (out, in) base weight this layer computes with."""
+        return formats.dequantize(self.packed(), self.fmt, (self.out_features, self.in_features),
+                                  self.blocksize, dtype or self.compute_dtype)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.compute_dtype)
+        if self.fmt == "int8" and self.int8_threshold > 0:
+            y = _Int8MixedMatmul.apply(x, self)
+        else:
+            y = _DequantMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias
+
+    # ---- LoRA ------------------------------------------------------------------------------
+    def attach_lora(self, r: int, alpha: float, dropout: float = 0.0, *, rslora: bool = False,
+                    init: str = "kaiming", dtype: torch.dtype = torch.float32) -> None:
+        """Add trainable factors A (r, in) and B (out, r); B starts at zero so the output is unchanged."""
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.lora_alpha = r, float(alpha)
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+
+    def delta_weight(self) -> Tensor:
+        """scaling * B @ A, the (out, in) update the adapter adds to the base weight."""
+        if self.lora_A is None:
+            raise RuntimeError("this layer has no LoRA adapter")
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_forward(x)  # (..., out) in the compute dtype
+        if self.lora_A is None or not self.lora_enabled:
+            return y
+        a = self.lora_dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # (..., r)
+        return y + (self.scaling * (a @ self.lora_B.t())).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        lora = f", r={self.r}, alpha={self.lora_alpha:g}" if self.lora_A is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"bias={self.bias is not None}{lora}")
+
+
+class _Int8MixedMatmul(torch.autograd.Function):
+    """LLM.int8 mixed-decomposition forward; backward through the dequantized weight (as bitsandbytes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        return formats.int8_mixed_matmul(x, layer.packed(), layer.int8_threshold, layer.compute_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None

@@ -1,0 +1,188 @@
+"""Choosing target layers, putting LoRA on them, and reporting what trains.
+
+Nothing here knows a model family's module names: a layer is a target because of what it is
+(a linear map, and not the output head), never because of what it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoRAConfig, QuantConfig
+from .layers import QuantLinear
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D (a linear with its weight stored (in, out)), or a QuantLinear."""
+    return isinstance(module, (nn.Linear, Conv1D, QuantLinear))
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Dotted paths of every linear layer except the output head, in module order."""
+    head = output_head(model)
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head]
+
+
+def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Resolve 'all-linear', a list of module names, or a regex into the linear layers it means.
+
+    Raises:
+        ValueError: when nothing matches, or a listed name or matched module is not a linear layer.
+    """
+    candidates = linear_names(model)
+    if targets == "all-linear":
+        chosen = candidates
+    elif isinstance(targets, str):
+        modules = dict(model.named_modules())
+        chosen = [n for n in modules if re.fullmatch(targets, n)]
+        bad = [n for n in chosen if not is_linear(modules[n])]
+        if bad:
+            raise ValueError(f"targets regex {targets!r} matches {bad[0]!r}, which is a "
+                             f"{type(modules[bad[0]]).__name__}, not a linear layer")
+    else:
+        modules = dict(model.named_modules())
+        chosen = []
+        for want in targets:
+            hits = [n for n in modules if n == want or n.endswith("." + want)]
+            if not hits:
+                raise ValueError(f"target {want!r} matches no module of {type(model).__name__}; "
+                                 f"linear layers are named like: {', '.join(_short_names(candidates))}")
+            bad = [n for n in hits if not is_linear(modules[n])]
+            if bad:
+                raise ValueError(f"target {want!r} matches {bad[0]!r}, a {type(modules[bad[0]]).__name__}, "
+                                 "not a linear layer")
+            chosen += hits
+        order = {n: i for i, n in enumerate(modules)}
+        chosen = sorted(set(chosen), key=order.__getitem__)
+    if not chosen:
+        raise ValueError(f"targets {targets!r} match no linear layer; linear layers are named like: "
+                         f"{', '.join(_short_names(candidates))}")
+    return chosen
+
+
+def _short_names(names: list[str]) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def to_quant_linear(module: nn.Module, cfg: QuantConfig) -> QuantLinear:
+    """Wrap a dense nn.Linear / Conv1D as a frozen QuantLinear in cfg's format."""
+    if isinstance(module, QuantLinear):
+        return module
+    return QuantLinear.from_dense(module.weight.data, cfg, module.bias.data if module.bias is not None else None,
+                                  fan_in_fan_out=isinstance(module, Conv1D))
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+             targets: str | list[str] = "all-linear", *, config: LoRAConfig | None = None,
+             **options) -> nn.Module:
+    """Freeze the model and put trainable LoRA factors on the target linear layers.
+
+    Args:
+        model: a model from `load_quantized` (or any transformers model: dense target layers are
+            kept in their dtype, frozen, as format 'none').
+        r, alpha, dropout, targets: see LoRAConfig; ignored when `config` is given.
+        options: further LoRAConfig fields (rslora, init, rank_pattern, alpha_pattern, adapter_dtype).
+    Returns:
+        The same model, patched in place.
+    Raises:
+        ValueError: bad options, targets that match nothing, or a model that already has LoRA.
+    """
+    cfg = config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, **options)
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; use load_adapter to replace their values")
+    names = select_targets(model, cfg.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, QuantLinear):
+            dtype = module.weight.dtype
+            module = to_quant_linear(module, QuantConfig(quant="none", compute_dtype=dtype)).to(module.weight.device)
+            set_submodule(model, name, module)
+        module.attach_lora(cfg.rank_for(name), cfg.alpha_for(name), cfg.dropout, rslora=cfg.rslora,
+                           init=cfg.init, dtype=cfg.adapter_dtype)
+    model.qlora_lora_config = cfg
+    if hasattr(model, "enable_input_require_grads"):
+        # With gradient checkpointing and a frozen embedding, the checkpointed blocks would see
+        # inputs that do not require grad and the LoRA factors inside them would get no gradient.
+        model.enable_input_require_grads()
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA branch on or off without removing it."""
+    for layer in lora_layers(model).values():
+        layer.lora_enabled = enabled
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block: `with qk.adapter_disabled(model): ...`."""
+    layers = lora_layers(model).values()
+    before = [layer.lora_enabled for layer in layers]
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.lora_enabled = was
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a quantized weight counts as its out x in values."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return trainable, total
+
+
+def parameter_report(model: nn.Module) -> str:
+    """A short text report: trainable vs total, and the d*k -> r*(d+k) arithmetic per target shape."""
+    trainable, total = trainable_parameters(model)
+    lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"]
+    shapes: dict[tuple[int, int, int], int] = {}
+    for layer in lora_layers(model).values():
+        key = (layer.out_features, layer.in_features, layer.r)
+        shapes[key] = shapes.get(key, 0) + 1
+    for (d, k, r), count in sorted(shapes.items()):
+        full, lora = d * k, r * (d + k)
+        lines.append(f"  {count:4d} x ({d} x {k}), r={r}: {lora:,} trainable instead of {full:,} "
+                     f"({full / lora:.1f}x fewer)")
+    return "\n".join(lines)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture: type, and every weight's logical shape by name."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            shape = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):
+            shape = tuple(module.weight.shape[::-1])
+        elif getattr(module, "weight", None) is not None and isinstance(module.weight, torch.Tensor):
+            shape = tuple(module.weight.shape)
+        else:
+            continue
+        h.update(f"{name}:{shape};".encode())
+    return h.hexdigest()[:16]
