@@ -24,6 +24,7 @@ from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FINGERPRINT = "base_model_fingerprint"
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QA-LoRA"}
 
 
@@ -62,20 +63,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "base_model_fingerprint": fingerprint(model),
     }
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # The base's fingerprint goes in the safetensors header, where PEFT does not warn about it.
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", FINGERPRINT: fingerprint(model)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(path)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Read an adapter folder: its config and {module path: (A, B)}.
+    """Read an adapter folder: its config (with the recorded base fingerprint) and {module path: (A, B)}.
 
     Raises:
         FileNotFoundError, ValueError: missing files, unreadable or unsupported contents.
@@ -99,6 +100,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
+            recorded = (f.metadata() or {}).get(FINGERPRINT)
+            if recorded:
+                config[FINGERPRINT] = recorded
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:
@@ -144,7 +148,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     """
     path = Path(path)
     config, pairs = read_adapter(path)
-    recorded = config.get("base_model_fingerprint")
+    recorded = config.get(FINGERPRINT)
     if check_base and recorded and recorded != fingerprint(model):
         raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
                          f"model's is {fingerprint(model)}; base was {config.get('base_model_name_or_path')!r})")

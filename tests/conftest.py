@@ -1,0 +1,77 @@
+"""Tiny random models of the decoder families the toolkit must handle, saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+VOCAB = 160
+
+
+def tiny_config(arch: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        cfg = LlamaConfig(**common, tie_word_embeddings=True)
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    elif arch == "qwen2":  # biased q/k/v projections
+        cfg = Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = Phi3Config(**common, tie_word_embeddings=False)
+    elif arch == "gpt2":  # Conv1D projections, weights stored (in, out)
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                         bos_token_id=1, eos_token_id=2)
+    else:
+        raise KeyError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+ARCHS = ["llama", "mistral", "qwen2", "phi3", "gpt2"]
+
+
+def make_model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # non-trivial values everywhere, biases and norms included
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """{arch: folder} of saved tiny random models (float32 safetensors)."""
+    out = {}
+    for arch in ARCHS:
+        path = tmp_path_factory.mktemp(arch)
+        make_model(arch).save_pretrained(path)
+        out[arch] = path
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def token_batch(n: int = 2, t: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, t), generator=g)

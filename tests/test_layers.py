@@ -1,0 +1,140 @@
+"""The LoRA layer over a quantized base against a float64 reference built from the dequantized weight."""
+
+import math
+
+import pytest
+import torch
+
+from qlora_kit.config import QuantConfig
+from qlora_kit.layers import QuantLinear
+
+from .conftest import rel_err
+
+
+def make_layer(fmt, dtype=torch.float32, out_f=96, in_f=128, r=8, alpha=16.0, bias=True, seed=0, **lora):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+    b = torch.randn(out_f, generator=g) * 0.1 if bias else None
+    layer = QuantLinear.from_dense(w, QuantConfig(quant=fmt, compute_dtype=dtype), b)
+    layer.attach_lora(r, alpha, **lora)
+    with torch.no_grad():  # B starts at zero; give it values so the LoRA branch is exercised
+        layer.lora_B.normal_(generator=g)
+    return layer
+
+
+def reference(layer, x, grad_out):
+    """float64 forward and gradients, with the dequantized weight as the base."""
+    w = layer.dequantize(torch.float32).double().requires_grad_(False)
+    a = layer.lora_A.detach().double().requires_grad_(True)
+    b = layer.lora_B.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y = x64 @ w.t() + layer.scaling * (x64 @ a.t()) @ b.t()
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    y.backward(grad_out.double())
+    return y.detach(), x64.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8", "none"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_forward_and_gradients_match_float64(fmt, dtype, tol):
+    layer = make_layer(fmt, dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 5, 96)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    y_ref, gx_ref, ga_ref, gb_ref = reference(layer, x, grad_out)
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(x.grad, gx_ref) < tol
+    assert rel_err(layer.lora_A.grad, ga_ref) < tol
+    assert rel_err(layer.lora_B.grad, gb_ref) < tol
+    assert layer.lora_A.grad.dtype == torch.float32  # adapter dtype stays fp32
+    assert layer.bias is None or layer.bias.grad is None
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_only_lora_factors_train(fmt):
+    layer = make_layer(fmt)
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["lora_A", "lora_B"]
+    assert not any(b.requires_grad for b in layer.buffers())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+def test_backward_keeps_only_the_packed_weight(fmt):
+    """No tensor of the dense weight's size is saved for backward (it is dequantized again there)."""
+    layer = make_layer(fmt, out_f=256, in_f=256, r=4)
+    x = torch.randn(2, 256, requires_grad=True)  # fewer values than the 256 x 256 weight
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert saved, "the hooks saw nothing: the test would not catch a dense copy"
+    assert max(saved) < 256 * 256, saved
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_b_zero_at_init_gives_the_base_output_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    layer = QuantLinear.from_dense(w, QuantConfig(compute_dtype=torch.float32))
+    x = torch.randn(4, 64)
+    base = layer(x)
+    layer.attach_lora(8, 16)
+    assert torch.equal(layer.lora_B, torch.zeros(64, 8))
+    assert layer.lora_A.abs().sum() > 0
+    assert torch.equal(layer(x), base)
+
+
+def test_disable_enable_adapter():
+    layer = make_layer("nf4")
+    x = torch.randn(4, 128)
+    with_lora = layer(x)
+    layer.lora_enabled = False
+    without = layer(x)
+    assert torch.equal(without, layer.base_forward(x))
+    assert rel_err(without, with_lora) > 1e-2
+    layer.lora_enabled = True
+    assert torch.equal(layer(x), with_lora)
+
+
+def test_scaling_rslora_and_init():
+    layer = make_layer("nf4", r=16, alpha=32.0)
+    assert layer.scaling == 2.0
+    rs = make_layer("nf4", r=16, alpha=32.0, rslora=True)
+    assert rs.scaling == pytest.approx(32 / 4)
+    # Kaiming-uniform with a=sqrt(5): bound = 1/sqrt(in_features)
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(128) + 1e-6
+    torch.manual_seed(0)
+    gauss = QuantLinear.from_dense(torch.randn(512, 512), QuantConfig())
+    gauss.attach_lora(8, 16, init="gaussian")
+    assert gauss.lora_A.std().item() == pytest.approx(1 / 8, rel=0.05)
+
+
+def test_dropout_only_on_the_lora_branch_in_training():
+    layer = make_layer("nf4", dropout=0.5)
+    x = torch.randn(8, 128)
+    layer.eval()
+    y_eval = layer(x)
+    layer.train()
+    torch.manual_seed(3)
+    y_train = layer(x)
+    assert rel_err(y_train, y_eval) > 1e-3
+    layer.lora_enabled = False
+    assert torch.equal(layer(x), layer.base_forward(x))  # the base never sees dropout
+
+
+def test_int8_threshold_mixed_decomposition_trains():
+    layer = make_layer("int8")
+    layer.int8_threshold = 6.0
+    x = torch.randn(4, 128, requires_grad=True)
+    with torch.no_grad():
+        x[:, 3] = 12.0
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    y_ref, gx_ref, _, _ = reference(layer, x, grad_out)
+    assert rel_err(y, y_ref) < 2e-2  # int8 activations in the forward
+    assert rel_err(x.grad, gx_ref) < 1e-5  # backward through the dequantized weight
+

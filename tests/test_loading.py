@@ -1,0 +1,188 @@
+"""The streaming loader: sharded checkpoints, tied weights, peak memory, and bad files."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qlora_kit as qk
+
+from .conftest import make_model, rel_err, token_batch
+
+
+def test_sharded_equals_single_file(model_dirs, tmp_path):
+    sharded = tmp_path / "sharded"
+    make_model("mistral").save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    a = qk.load_quantized(sharded, quant="nf4", compute_dtype=torch.float32)
+    b = qk.load_quantized(model_dirs["mistral"], quant="nf4", compute_dtype=torch.float32)
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_tied_embeddings_stay_tied(model_dirs):
+    model = qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = qk.load_quantized(model_dirs["mistral"], compute_dtype=torch.float32)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compute_dtype_applies_to_unquantized_weights(model_dirs, dtype):
+    model = qk.load_quantized(model_dirs["qwen2"], compute_dtype=dtype)
+    assert model.model.embed_tokens.weight.dtype == dtype
+    assert model.model.norm.weight.dtype == dtype
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == dtype
+    ids = token_batch()
+    with torch.no_grad():
+        ref = qk.load_quantized(model_dirs["qwen2"], compute_dtype=torch.float32)(ids).logits
+        assert rel_err(model(ids).logits.float(), ref) < 5e-2
+
+
+def test_skip_keeps_named_layers_unquantized(model_dirs):
+    model = qk.load_quantized(model_dirs["llama"], skip=["down_proj"], compute_dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, qk.QuantLinear)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.fixture()
+def copy_of(model_dirs, tmp_path):
+    def copy(arch):
+        dst = tmp_path / f"copy_{arch}"
+        dst.mkdir()
+        for f in model_dirs[arch].iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        return dst
+    return copy
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        qk.load_quantized(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        qk.load_quantized(tmp_path / "empty")
+
+
+def test_only_pickled_weights_are_refused(copy_of):
+    d = copy_of("llama")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickled weights are never loaded"):
+        qk.load_quantized(d)
+
+
+def test_truncated_safetensors(copy_of):
+    d = copy_of("llama")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors.*(not a readable safetensors|truncated)"):
+        qk.load_quantized(d)
+
+
+def test_corrupt_header(copy_of):
+    d = copy_of("llama")
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        qk.load_quantized(d)
+
+
+def test_shape_that_does_not_match_config(copy_of):
+    d = copy_of("llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(64, 128\) "
+                                         r"but the model's config expects \(64, 96\)"):
+        qk.load_quantized(d)
+
+
+def test_missing_tensor(copy_of):
+    from safetensors.torch import load_file, save_file
+    d = copy_of("mistral")
+    t = load_file(d / "model.safetensors")
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        qk.load_quantized(d)
+
+
+def test_missing_shard(model_dirs, tmp_path):
+    d = tmp_path / "sharded"
+    make_model("llama").save_pretrained(d, max_shard_size="100KB")
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{victim.name}: shard listed in"):
+        qk.load_quantized(d)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(quant="q3"), "unknown quantization format 'q3'"),
+    (dict(blocksize=100), "blocksize 100 must be a power of two"),
+    (dict(compute_dtype="fp8"), "unknown compute_dtype"),
+])
+def test_bad_options(model_dirs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        qk.load_quantized(model_dirs["llama"], **kwargs)
+
+
+def test_blocksize_that_does_not_divide_a_weight(tmp_path):
+    d = tmp_path / "odd"
+    make_model("llama", hidden_size=48, intermediate_size=80, num_attention_heads=4,
+               num_key_value_heads=2).save_pretrained(d)
+    with pytest.raises(ValueError, match=r"does not divide into blocks of 1024"):
+        qk.load_quantized(d, blocksize=1024)
+
+
+# ---- peak memory -------------------------------------------------------------------------------
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    import torch, qlora_kit as qk
+
+    def rss_anon():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+
+    qk.load_quantized(sys.argv[2], quant="nf4", compute_dtype=torch.float32)  # warm up code paths
+    base = rss_anon()
+    peak, stop = [base], False
+    def sample():
+        while not stop:
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.0005)
+    t = threading.Thread(target=sample); t.start()
+    model = qk.load_quantized(sys.argv[1], quant="nf4", compute_dtype=torch.float32)
+    stop = True; t.join()
+    tensors = list(model.parameters()) + list(model.buffers())
+    held = sum(x.numel() * x.element_size() for x in {id(x): x for x in tensors}.values())
+    print(json.dumps({"peak_delta": peak[0] - base, "model_bytes": held}))
+""")
+
+
+def test_peak_memory_while_loading_a_sharded_checkpoint(tmp_path, model_dirs):
+    """Peak host memory stays near the quantized model plus the largest tensor, far below the fp32 model."""
+    d = tmp_path / "big"
+    big = make_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=8, vocab_size=1024)
+    fp32_bytes = sum(p.numel() * 4 for p in big.parameters())
+    largest = max(p.numel() * 4 for p in big.parameters())
+    big.save_pretrained(d, max_shard_size="40MB")
+    del big
+    assert len(list(d.glob("*.safetensors"))) >= 3
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed large blocks go back to the OS at once
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(d), str(model_dirs["llama"])], env=env,
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    bound = res["model_bytes"] + 3 * largest + 16 * 2**20  # + quantizer temporaries and Python overhead
+    assert res["peak_delta"] < bound, (res, bound, fp32_bytes)
+    assert bound < 0.5 * fp32_bytes  # the bound is tight enough to catch loading the whole model
