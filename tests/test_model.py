@@ -153,3 +153,32 @@ def test_parameter_report_arithmetic(model_dirs):
     report = qk.parameter_report(model)
     assert "trainable parameters:" in report
     assert "(64 x 64), r=4: 512 trainable instead of 4,096 (8.0x fewer)" in report
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_gradients_match_float64_reference(model_dirs, tmp_path, arch):
+    """Loss and every A/B gradient against a float64 transformers + PEFT model on the dequantized weights."""
+    import peft
+
+    model = qk.load_quantized(model_dirs[arch], quant="nf4", compute_dtype=torch.float32)
+    qk.add_lora(model, r=4, alpha=8, dropout=0.0, rank_pattern={"v_proj": 2, "c_fc": 2})
+    with torch.no_grad():
+        for layer in qk.lora_layers(model).values():
+            layer.lora_B.normal_(std=0.05)
+    qk.save_adapter(model, tmp_path / "ad")
+    ref = dense_with_dequantized_weights(model_dirs[arch], model).double()
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "ad", is_trainable=True).double()
+    ids = token_batch()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    checked = 0
+    for name, layer in qk.lora_layers(model).items():
+        for part in "AB":
+            g_ref = ref_grads[f"base_model.model.{name}.lora_{part}.default.weight"]
+            assert rel_err(getattr(layer, f"lora_{part}").grad, g_ref) < 1e-4, (name, part)
+            checked += 1
+    assert checked == 2 * len(qk.lora_layers(model)) >= 16
