@@ -25,6 +25,9 @@ from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT = "base_model_fingerprint"
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+CONFIG_TYPES = {"lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
+                "alpha_pattern": (dict,), "rank_pattern": (dict,), "r": (int,)}
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QA-LoRA"}
 
 
@@ -36,6 +39,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises:
         ValueError: when the model has no LoRA layers.
     """
+    if not lora_layers(model):
+        raise ValueError("model has no LoRA layers to save; call add_lora first")
+    path = Path(path)
+    if path.exists():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ADAPTER_FILES) if path.is_dir() else [""]
+        if foreign:
+            raise FileExistsError(f"{path}: exists and holds other files ({foreign[0] or 'it is a file'}); "
+                                  "choose an empty or new folder for the adapter")
+    with atomic_dir(path) as tmp:
+        write_adapter_files(model, tmp, base_model_name_or_path)
+    return Path(path)
+
+
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: str | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing folder."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save; call add_lora first")
@@ -45,7 +63,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     first = next(iter(layers.values()))
     source = getattr(model, "qlora_source", {})
-    lora_cfg = getattr(model, "qlora_lora_config", None)
+    if len({m.rslora for m in layers.values()}) > 1:
+        raise ValueError("LoRA layers mix rsLoRA and plain scaling, which PEFT's adapter_config cannot express")
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -57,7 +76,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "target_modules": sorted(layers),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "use_rslora": bool(lora_cfg.rslora) if lora_cfg else False,
+        "use_rslora": first.rslora,
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "bias": "none",
         "modules_to_save": None,
@@ -68,11 +87,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-    with atomic_dir(path) as tmp:
-        # The base's fingerprint goes in the safetensors header, where PEFT does not warn about it.
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", FINGERPRINT: fingerprint(model)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(path)
+    # The base's fingerprint goes in the safetensors header, where PEFT does not warn about it.
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", FINGERPRINT: fingerprint(model)})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -89,6 +106,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
+    for key, kinds in CONFIG_TYPES.items():
+        if key in config and not isinstance(config[key], kinds):
+            raise ValueError(f"{cfg_file}: {key} is {config[key]!r}, expected {' or '.join(k.__name__ for k in kinds)}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
     for key, what in UNSUPPORTED.items():
@@ -136,11 +158,13 @@ def _split_key(key: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a PEFT LoRA adapter into the model: creates the LoRA layers, or fills existing ones.
 
     Args:
         check_base: refuse an adapter whose recorded base fingerprint differs from the model's.
+        dtype: adapter dtype of newly created LoRA layers (the file's values are cast to it).
     Returns:
         The model, patched in place.
     Raises:
@@ -169,17 +193,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     if existing and set(existing) != set(pairs):
         extra = sorted(set(existing) - set(pairs))[0]
         raise ValueError(f"{path}: adapter has no factors for the model's LoRA layer {extra!r}")
-    scale_alpha = config.get("alpha_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
     for name, (a, b) in pairs.items():
         layer = modules[name]
         if not isinstance(layer, QuantLinear):
             layer = to_quant_linear(layer, QuantConfig(quant="none", compute_dtype=layer.weight.dtype))
             set_submodule(model, name, layer.to(layer.weight.device))
+        alpha = pattern_lookup(alphas, name, config.get("lora_alpha", 8))
         if layer.lora_A is None:
-            r = a.shape[0]
-            alpha = pattern_lookup(scale_alpha, name, config.get("lora_alpha", 8))
-            layer.attach_lora(r, alpha, float(config.get("lora_dropout", 0.0)),
-                              rslora=bool(config.get("use_rslora", False)), dtype=a.dtype)
+            layer.attach_lora(a.shape[0], alpha, float(config.get("lora_dropout", 0.0)), rslora=rslora, dtype=dtype)
+        layer.set_scale(alpha, rslora)  # the adapter's own scale, also over existing LoRA layers
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)

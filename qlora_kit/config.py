@@ -61,8 +61,12 @@ class QuantConfig:
             raise ValueError(f"unknown quantization format {self.quant!r}: use one of {', '.join(QUANT_FORMATS)}")
         self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         if self.quant in ("nf4", "fp4"):
-            if not isinstance(self.blocksize, int) or self.blocksize < 2 or self.blocksize & (self.blocksize - 1):
-                raise ValueError(f"blocksize {self.blocksize!r} must be a power of two >= 2 (64 is the QLoRA default)")
+            if (not isinstance(self.blocksize, int) or not 32 <= self.blocksize <= 4096
+                    or self.blocksize & (self.blocksize - 1)):
+                raise ValueError(f"blocksize {self.blocksize!r} must be a power of two from 32 to 4096 "
+                                 "(64 is the QLoRA default)")
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)):
+            raise ValueError(f"int8_threshold {self.int8_threshold!r} must be a number")
         if self.int8_threshold < 0:
             raise ValueError(f"int8_threshold {self.int8_threshold} must be >= 0")
 
@@ -134,3 +138,79 @@ def pattern_lookup(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({pattern})$", name):
             return value
     return default
+
+
+def _opt(default, help: str, **kw):
+    """A dataclass field whose help text the CLI shows."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is also a `qlora-kit train` flag."""
+
+    model: str = _opt("smollm2-135m", "HF model folder, .gguf file, or 'smollm2-135m' (the embedded default)")
+    data: str = _opt("shakespeare", ".txt or .jsonl file, or 'shakespeare' (the embedded default)")
+    eval_data: str | None = _opt(None, "separate held-out file (default: a slice of --data)")
+    out: str = _opt("runs/quickstart", "run folder: checkpoints, metrics, final adapter")
+    quant: str = _opt("nf4", "base weight format", choices=("nf4", "fp4", "int8", "none"))
+    double_quant: bool = _opt(True, "double-quantize the 4-bit absmax values")
+    blocksize: int = _opt(64, "4-bit quantization block size")
+    compute_dtype: str = _opt("auto", "bf16, fp16, fp32, or auto (bf16 on CUDA, fp32 on CPU)")
+    rank: int = _opt(16, "LoRA rank r")
+    alpha: float = _opt(32.0, "LoRA alpha (scale alpha/r)")
+    dropout: float = _opt(0.05, "dropout on the LoRA branch")
+    targets: str = _opt("all-linear", "'all-linear', comma-separated module names, or a regex over module paths")
+    rslora: bool = _opt(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    steps: int = _opt(40, "optimizer steps")
+    seq_len: int = _opt(128, "tokens per sequence")
+    batch_size: int = _opt(4, "sequences per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(1e-3, "peak learning rate")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    warmup_steps: int = _opt(4, "linear warmup steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
+    packing: bool = _opt(True, "pack examples into full sequences (else pad each one)")
+    eval_fraction: float = _opt(0.02, "share of --data held out for evaluation")
+    eval_sequences: int = _opt(32, "held-out sequences used for perplexity (0: all)")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only before and after)")
+    save_every: int = _opt(20, "checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk (older ones are deleted)")
+    sample_tokens: int = _opt(40, "tokens generated for the before/after sample (0: none)")
+    seed: int = _opt(0, "seed for LoRA init, data order and dropout")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
+    device: str = _opt("auto", "cpu, cuda, or auto")
+    cache_dir: str | None = _opt(None, "cache for converted models and data (default ~/.cache/qlora-kit)")
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, "rank")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} {value!r} must be an integer >= 1")
+        for name in ("warmup_steps", "save_every", "eval_every", "eval_sequences", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep-checkpoints {self.keep_checkpoints} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr {self.lr} must be > 0")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.quant not in QUANT_FORMATS:
+            raise ValueError(f"unknown quantization format {self.quant!r}: use one of {', '.join(QUANT_FORMATS)}")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype, "compute_dtype")
+        LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.target_spec())
+
+    def target_spec(self) -> str | list[str]:
+        """--targets as add_lora takes it: 'all-linear', a list of names (has a comma or is a plain name), or a regex."""
+        t = self.targets.strip()
+        if t == "all-linear":
+            return t
+        if "," in t or re.fullmatch(r"[\w.]+", t):
+            return [s.strip() for s in t.split(",") if s.strip()]
+        return t

@@ -17,16 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .defaults import cache_root
+
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"GGUF"
 _MIB = 1 << 20
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """`cache_dir`, else $QLORA_KIT_CACHE, else ~/.cache/qlora-kit."""
-    root = cache_dir or os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit"
-    return Path(root).expanduser()
 
 
 def _check_gguf(gguf_path: str | os.PathLike) -> Path:
@@ -42,12 +38,14 @@ def _check_gguf(gguf_path: str | os.PathLike) -> Path:
 
 
 def _fingerprint(path: Path, dtype: torch.dtype) -> str:
-    """Short hash of size + first and last MiB (cheap, unlike hashing GBs) and the target dtype.
+    """Short hash of size, modification time, first and last MiB (cheap, unlike hashing GBs) and dtype.
 
-    The dtype is part of the key so a bf16 conversion is never handed out to a float32 request.
+    The dtype is part of the key so a bf16 conversion is never handed out to a float32 request; the
+    modification time catches a same-size file that differs only in the middle.
     """
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{size}:{dtype}".encode())
+    st = path.stat()
+    size = st.st_size
+    h = hashlib.sha256(f"{size}:{st.st_mtime_ns}:{dtype}".encode())
     with path.open("rb") as f:
         h.update(f.read(_MIB))
         f.seek(max(size - _MIB, 0))
@@ -126,7 +124,7 @@ def gguf_to_hf_dir(
         ValueError: the file is not GGUF, or transformers did not produce a dense model from it.
     """
     path = _check_gguf(gguf_path)
-    final = _cache_root(cache_dir) / "gguf" / f"{path.stem}-{_fingerprint(path, dtype)}"
+    final = cache_root(cache_dir) / "gguf" / f"{path.stem}-{_fingerprint(path, dtype)}"
     if _is_complete(final):
         return final
     if final.exists():  # not ours to explain (e.g. a partly deleted cache): rebuild it

@@ -18,22 +18,28 @@ from . import formats
 from .config import QuantConfig
 
 
-class _DequantMatmul(torch.autograd.Function):
+class _FrozenBaseMatmul(torch.autograd.Function):
     """x @ dequant(W).T whose backward keeps only the packed weight, never a dense copy.
 
     The base weight is frozen, so backward computes only the input gradient, dequantizing the
-    weight again for that one matmul.
+    weight again for that one matmul. int8 with a threshold runs LLM.int8's mixed decomposition
+    in the forward and, as bitsandbytes does, the dequantized weight in the backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
         ctx.layer = layer  # a reference to the module: its packed buffers, nothing dense
+        ctx.versions = layer.packed_versions()
+        if layer.fmt == "int8" and layer.int8_threshold > 0:
+            return formats.int8_mixed_matmul(x, layer.packed(), layer.int8_threshold, layer.compute_dtype)
         return x @ layer.dequantize().t()  # (..., in) @ (in, out) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
+        if ctx.layer.packed_versions() != ctx.versions:
+            raise RuntimeError("a frozen base weight was modified in place between forward and backward")
         w = ctx.layer.dequantize(grad_out.dtype)  # (out, in)
         return grad_out @ w, None
 
@@ -58,7 +64,7 @@ class QuantLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None  # (r, in)
         self.lora_B: nn.Parameter | None = None  # (out, r)
         self.lora_dropout: nn.Module = nn.Identity()
-        self.r, self.lora_alpha, self.scaling = 0, 0.0, 0.0
+        self.r, self.lora_alpha, self.scaling, self.rslora = 0, 0.0, 0.0, False
         self.lora_enabled = True
 
     @classmethod
@@ -73,17 +79,35 @@ class QuantLinear(nn.Module):
     def packed(self) -> dict[str, Tensor]:
         return {key: getattr(self, name) for key, name in self._packed_names}
 
+    def packed_versions(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name)._version for _, name in self._packed_names)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(device)` moves everything; a dtype cast (`.half()`, `.to(torch.bfloat16)`) must not
+        # touch the packed codes and their fp32 scales (it would corrupt them), nor the LoRA factors
+        # (their dtype is the adapter dtype). It changes the compute dtype instead.
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
+        packed = {} if self.fmt == "none" else {n: self._buffers.pop(n) for _, n in self._packed_names}
+        lora = {n: self._parameters.pop(n) for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                self._buffers[name] = t.to(probe.device)
+            for name, p in lora.items():
+                p.data = p.data.to(probe.device)  # same Parameter object: optimizers keep their reference
+                self._parameters[name] = p
+        if probe.dtype.is_floating_point:
+            self.compute_dtype = probe.dtype
+        return self
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense (out, in) base weight this layer computes with."""
         return formats.dequantize(self.packed(), self.fmt, (self.out_features, self.in_features),
                                   self.blocksize, dtype or self.compute_dtype)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.compute_dtype)
-        if self.fmt == "int8" and self.int8_threshold > 0:
-            y = _Int8MixedMatmul.apply(x, self)
-        else:
-            y = _DequantMatmul.apply(x, self)
+        y = _FrozenBaseMatmul.apply(x.to(self.compute_dtype), self)
         return y if self.bias is None else y + self.bias
 
     # ---- LoRA ------------------------------------------------------------------------------
@@ -98,8 +122,13 @@ class QuantLinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.lora_alpha = r, float(alpha)
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.r = r
+        self.set_scale(alpha, rslora)
+
+    def set_scale(self, alpha: float, rslora: bool = False) -> None:
+        """scaling = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        self.lora_alpha, self.rslora = float(alpha), bool(rslora)
+        self.scaling = alpha / math.sqrt(self.r) if rslora else alpha / self.r
 
     def delta_weight(self) -> Tensor:
         """scaling * B @ A, the (out, in) update the adapter adds to the base weight."""
@@ -118,18 +147,3 @@ class QuantLinear(nn.Module):
         lora = f", r={self.r}, alpha={self.lora_alpha:g}" if self.lora_A is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
                 f"bias={self.bias is not None}{lora}")
-
-
-class _Int8MixedMatmul(torch.autograd.Function):
-    """LLM.int8 mixed-decomposition forward; backward through the dequantized weight (as bitsandbytes)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
-        ctx.layer = layer
-        return formats.int8_mixed_matmul(x, layer.packed(), layer.int8_threshold, layer.compute_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     Raises:
         FileNotFoundError, ValueError: with one line naming the file or tensor at fault.
     """
+    device = check_device(device)
     cfg = QuantConfig(quant=quant, compute_dtype=compute_dtype or default_compute_dtype(device),
                       double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold)
     path = Path(path)
@@ -67,11 +69,24 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     targets = set(linear_names(model))
     if skip:
         targets = {n for n in targets if not any(n == s or n.endswith("." + s) for s in skip)}
-    _StreamingFill(model, targets, cfg, torch.device(device)).run(files)
+    _StreamingFill(model, targets, cfg, device).run(files)
     model.eval()
     model.qlora_quant_config = cfg
     model.qlora_source = {"path": str(path), "fingerprint": fingerprint(model)}
     return model
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A usable device for the weights, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -90,6 +105,8 @@ def checkpoint_files(path: Path) -> list[Path]:
             raise ValueError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
+            if f.resolve().parent != path.resolve():
+                raise ValueError(f"{index}: shard {f.name!r} lies outside the model folder")
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
         return files
@@ -178,9 +195,15 @@ class _StreamingFill:
                 else:
                     self.pending_bias[module_name] = tensor
             else:
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{file}: tensor {key!r} is {tensor.dtype}, expected floating-point weights")
                 dense = self.model.get_submodule(module_name)
-                layer = QuantLinear.from_dense(tensor.to(self.device), self.cfg, self.pending_bias.pop(module_name, None),
-                                               fan_in_fan_out=isinstance(dense, Conv1D))
+                try:
+                    layer = QuantLinear.from_dense(tensor.to(self.device), self.cfg,
+                                                   self.pending_bias.pop(module_name, None),
+                                                   fan_in_fan_out=isinstance(dense, Conv1D))
+                except ValueError as e:
+                    raise ValueError(f"{file}: tensor {key!r}: {e}") from None
                 set_submodule(self.model, module_name, layer.to(self.device))
         else:
             module = self.model.get_submodule(module_name) if module_name else self.model
@@ -196,7 +219,16 @@ class _StreamingFill:
         head, embed = output_head(model), model.get_input_embeddings()
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if head is not None and getattr(text_cfg, "tie_word_embeddings", False):
-            head.weight = embed.weight  # tied: one tensor, two uses, as transformers does
+            if head.weight.is_meta or torch.equal(head.weight, embed.weight):
+                head.weight = embed.weight  # tied: one tensor, two uses, as transformers does
+            else:
+                warnings.warn("config.json ties the output head to the embeddings, but the checkpoint has its own "
+                              "different head weights: keeping them (untied), as transformers does", stacklevel=3)
+        harmless = (".inv_freq", ".attn.bias", ".attn.masked_bias")
+        unexpected = [k for k in self.ignored if not k.endswith(harmless)]
+        if unexpected:
+            warnings.warn(f"{len(unexpected)} checkpoint tensor(s) are not part of the model built from config.json "
+                          f"and were skipped, first {unexpected[0]!r}", stacklevel=3)
         if self.pending_bias:
             name = next(iter(self.pending_bias))
             raise ValueError(f"checkpoint has a bias for {name!r} but no weight")

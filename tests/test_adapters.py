@@ -190,3 +190,63 @@ def test_save_is_atomic(model_dirs, saved, monkeypatch):
         qk.save_adapter(model, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ad"]
+
+
+def test_loading_into_existing_lora_takes_the_adapters_scale(model_dirs, tmp_path):
+    """An adapter's alpha / rsLoRA win over the scale the model's LoRA layers had."""
+    src = ours(model_dirs["llama"], r=4, alpha=64, rslora=True, dropout=0.0)
+    randomize_b(src)
+    src.eval()
+    qk.save_adapter(src, tmp_path / "ad")
+    dst = ours(model_dirs["llama"], r=4, alpha=4, dropout=0.0)
+    qk.load_adapter(dst, tmp_path / "ad")
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(dst(ids).logits, src(ids).logits)
+
+
+def test_rslora_survives_load_then_save(model_dirs, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, init_lora_weights=False,
+                                                   target_modules=["q_proj", "down_proj"])).eval()
+    pm.save_pretrained(tmp_path / "peft_ad")
+    model = ours(model_dirs["llama"])
+    qk.load_adapter(model, tmp_path / "peft_ad")
+    qk.save_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_rslora"] is True
+    fresh = ours(model_dirs["llama"])
+    qk.load_adapter(fresh, tmp_path / "again")
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(fresh(ids).logits, pm(ids).logits) < 1e-5
+
+
+def test_bf16_adapter_file_trains_in_fp32(model_dirs, saved):
+    _edit_tensors(saved, lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()})
+    model = ours(model_dirs["llama"])
+    qk.load_adapter(model, saved, check_base=False)
+    assert all(m.lora_A.dtype == torch.float32 for m in qk.lora_layers(model).values())
+
+
+def test_save_refuses_a_folder_with_other_files(model_dirs, tmp_path):
+    model = ours(model_dirs["llama"], r=2)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        qk.save_adapter(model, tmp_path / "project")
+    assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("config,match", [
+    ('{"peft_type": "LORA", "lora_alpha": null}', "lora_alpha is None"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"peft_type": "LORA", "use_rslora": "yes"}', "use_rslora is 'yes'"),
+    ('{not json', "not valid JSON"),
+])
+def test_malformed_config_is_refused_before_any_change(model_dirs, saved, config, match):
+    (saved / "adapter_config.json").write_text(config)
+    model = ours(model_dirs["llama"])
+    with pytest.raises(ValueError, match=match) as e:
+        qk.load_adapter(model, saved)
+    assert "\n" not in str(e.value)
+    assert not qk.lora_layers(model)

@@ -58,7 +58,7 @@ def test_only_lora_factors_train(fmt):
     layer = make_layer(fmt)
     trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
     assert trainable == ["lora_A", "lora_B"]
-    assert not any(b.requires_grad for b in layer.buffers())
+    assert "weight" not in dict(layer.named_parameters())  # the packed weight is a buffer: no optimizer sees it
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
@@ -71,8 +71,46 @@ def test_backward_keeps_only_the_packed_weight(fmt):
         y = layer(x)
     assert saved, "the hooks saw nothing: the test would not catch a dense copy"
     assert max(saved) < 256 * 256, saved
+    # ...and no node of the graph holds one as an attribute either
+    stack, seen = [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            assert not (isinstance(value, torch.Tensor) and value.numel() >= 256 * 256), type(node).__name__
+        stack += [n for n, _ in node.next_functions]
+    assert len(seen) > 3
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_modifying_the_packed_weight_before_backward_is_caught():
+    layer = make_layer("nf4")
+    x = torch.randn(2, 128, requires_grad=True)
+    y = layer(x)
+    layer.weight_absmax.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_dtype_cast_changes_compute_dtype_not_the_packed_weight(fmt, cast):
+    layer = make_layer(fmt)
+    before = {k: v.clone() for k, v in layer.packed().items()}
+    x = torch.randn(4, 128)
+    ref = layer(x).double()
+    layer = layer.half() if cast == "half" else layer.to(torch.bfloat16)
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    assert layer.compute_dtype == dtype and layer.bias.dtype == dtype
+    for k, v in layer.packed().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert layer.lora_A.dtype == torch.float32  # the adapter dtype is kept
+    y = layer(x)
+    assert y.dtype == dtype
+    assert rel_err(y, ref) < 2e-2
 
 
 def test_b_zero_at_init_gives_the_base_output_exactly():
@@ -116,13 +154,15 @@ def test_dropout_only_on_the_lora_branch_in_training():
     layer = make_layer("nf4", dropout=0.5)
     x = torch.randn(8, 128)
     layer.eval()
-    y_eval = layer(x)
+    y_eval, base_eval = layer(x), layer.base_forward(x)
     layer.train()
     torch.manual_seed(3)
     y_train = layer(x)
-    assert rel_err(y_train, y_eval) > 1e-3
-    layer.lora_enabled = False
-    assert torch.equal(layer(x), layer.base_forward(x))  # the base never sees dropout
+    assert rel_err(y_train, y_eval) > 1e-3  # the LoRA branch saw dropout
+    assert torch.equal(layer.base_forward(x), base_eval)  # the base did not
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    assert torch.equal(layer(x), base_eval)
 
 
 def test_int8_threshold_mixed_decomposition_trains():

@@ -186,3 +186,52 @@ def test_peak_memory_while_loading_a_sharded_checkpoint(tmp_path, model_dirs):
     bound = res["model_bytes"] + 3 * largest + 16 * 2**20  # + quantizer temporaries and Python overhead
     assert res["peak_delta"] < bound, (res, bound, fp32_bytes)
     assert bound < 0.5 * fp32_bytes  # the bound is tight enough to catch loading the whole model
+
+
+@pytest.mark.parametrize("device,match", [("gpu", "not a device name"), ("meta", "not supported")]
+                         + ([("cuda", "no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_bad_device(model_dirs, device, match):
+    with pytest.raises(ValueError, match=match) as e:
+        qk.load_quantized(model_dirs["llama"], device=device)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("blocksize", [16, 8192])
+def test_blocksize_outside_bitsandbytes_range(model_dirs, blocksize):
+    with pytest.raises(ValueError, match="power of two from 32 to 4096"):
+        qk.load_quantized(model_dirs["llama"], blocksize=blocksize)
+
+
+def test_extra_checkpoint_tensors_are_reported(copy_of):
+    d = copy_of("llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"not part of the model built from config.json.*model.layers.1"):
+        qk.load_quantized(d, compute_dtype=torch.float32)
+
+
+def test_tied_config_with_its_own_head_follows_transformers(copy_of):
+    from transformers import AutoModelForCausalLM
+    d = copy_of("mistral")  # saved untied, with its own lm_head
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="keeping them \\(untied\\)"):
+        model = qk.load_quantized(d, quant="none", compute_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref(ids).logits) < 1e-6
+
+
+def test_errors_name_the_tensor_and_file(copy_of):
+    from safetensors.torch import load_file, save_file
+    d = copy_of("llama")
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].to(torch.int32)
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' is "
+                                         r"torch.int32") as e:
+        qk.load_quantized(d)
+    assert "\n" not in str(e.value)

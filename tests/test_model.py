@@ -182,3 +182,37 @@ def test_model_gradients_match_float64_reference(model_dirs, tmp_path, arch):
             assert rel_err(getattr(layer, f"lora_{part}").grad, g_ref) < 1e-4, (name, part)
             checked += 1
     assert checked == 2 * len(qk.lora_layers(model)) >= 16
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(model_dirs, reentrant):
+    grads = []
+    for checkpointing in (False, True):
+        model = qk.load_quantized(model_dirs["llama"], quant="nf4", compute_dtype=torch.float32)
+        torch.manual_seed(0)
+        qk.add_lora(model, r=4, dropout=0.0)
+        with torch.no_grad():
+            for layer in qk.lora_layers(model).values():
+                layer.lora_B.normal_(std=0.05)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        ids = token_batch()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 28
+    for name in grads[0]:
+        assert rel_err(grads[1][name], grads[0][name]) < 1e-6, name
+
+
+def test_model_cast_after_loading_keeps_working(model_dirs):
+    model = qk.load_quantized(model_dirs["qwen2"], quant="nf4", compute_dtype=torch.float32)
+    qk.add_lora(model, r=4)
+    ids = token_batch()
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.to(torch.bfloat16)
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), ref) < 5e-2
+    assert all(m.lora_A.dtype == torch.float32 for m in qk.lora_layers(model).values())
