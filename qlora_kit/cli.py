@@ -1,15 +1,151 @@
-"""The `qlora-kit` command."""
+"""The `qlora-kit` command: train, eval, generate, smoke.
+
+`train`'s flags are generated from TrainConfig's fields (one flag per field, its help from the
+field), so the CLI, the YAML config and the Python API can never disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
+
+from .config import TrainConfig  # noqa: E402
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls=TrainConfig, only: set[str] | None = None) -> None:
+    """One flag per field; defaults stay None here so a YAML config can sit between defaults and flags."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        kind, help_text = _field_type(f), f.metadata.get("help", "")
+        if f.default is not None:
+            help_text += f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then --config YAML, then explicit flags."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(_read_yaml(Path(args.config)))
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig(**values)
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown setting {key!r}; settings are the `qlora-kit train` flags")
+        kind = _field_type(known[name])
+        if value is not None and kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{path}: setting {key!r} should be {kind.__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    cfg = config_from_args(args)
+    start = time.perf_counter()
+    result = train(cfg, progress=not args.no_progress)
+    gain = ""
+    if result.ppl_before and result.ppl_after:
+        gain = f", held-out perplexity {result.ppl_before:.2f} -> {result.ppl_after:.2f}"
+    print(f"done: {result.steps} steps in {time.perf_counter() - start:.0f}s{gain}; adapter in {result.adapter}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from . import defaults
+    from .adapters import load_adapter
+    from .data import load_dataset
+    from .train import load_model_and_tokenizer, perplexity, resolve_device
+
+    device = resolve_device(args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.quant, args.compute_dtype, device,
+                                          cache_dir=args.cache_dir)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_ctx is not None and args.seq_len > max_ctx:
+        raise ValueError(f"--seq-len {args.seq_len} is beyond the model's context of {max_ctx} tokens")
+    path = defaults.resolve_data(args.data, args.cache_dir)
+    if args.split == "all":
+        seqs, _ = load_dataset(path, tok, args.seq_len, eval_fraction=0.0)
+    else:
+        _, seqs = load_dataset(path, tok, args.seq_len, eval_fraction=args.eval_fraction, seed=args.seed)
+    ppl = perplexity(model, seqs, args.batch_size, args.eval_sequences)
+    n = min(len(seqs), args.eval_sequences or len(seqs))
+    what = f"with adapter {args.adapter}" if args.adapter else "base model"
+    print(f"perplexity {ppl:.3f} ({what}, {n} sequences of {args.seq_len} tokens from {path}, split={args.split})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .adapters import load_adapter
+    from .train import load_model_and_tokenizer, resolve_device
+
+    device = resolve_device(args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.quant, args.compute_dtype, device,
+                                          cache_dir=args.cache_dir)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat).input_ids.to(device)
+    torch.manual_seed(args.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                         do_sample=args.temperature > 0, temperature=args.temperature or None, pad_token_id=pad)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def _smoke(args: argparse.Namespace) -> None:
@@ -38,14 +174,18 @@ def _smoke(args: argparse.Namespace) -> None:
         batch = torch.randint(0, vocab, (4, 64), device=args.device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         model.train()
+        losses = []
         for step in range(1, args.steps + 1):
             loss = model(batch, labels=batch).loss
+            losses.append(loss.item())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step == 1 or step % 5 == 0 or step == args.steps:
                 print(f"step {step:3d}  loss {loss.item():.4f}")
         model.eval()
+        if args.steps > 1 and not losses[-1] < losses[0]:
+            raise SystemExit(f"smoke: the loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f})")
         out = Path(args.out)
         save_adapter(model, out)
         fresh = load_quantized(model_path, quant=args.quant, device=args.device)
@@ -57,36 +197,77 @@ def _smoke(args: argparse.Namespace) -> None:
             raise SystemExit("smoke: reloaded adapter gives different logits")
 
 
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="HF model folder, .gguf, or 'smollm2-135m' (default)")
+    p.add_argument("--adapter", default=None, help="adapter folder to apply (default: none, the base model)")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"], help="base weight format")
+    p.add_argument("--compute-dtype", default="auto", help="bf16, fp16, fp32 or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--cache-dir", default=None, help="cache for converted models and data")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning: 4/8-bit frozen base, LoRA on top.")
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="fine-tune with LoRA over a quantized base (no flags: the quickstart)")
+    t.add_argument("--config", default=None, help="YAML file of settings (keys are these flags' names); "
+                                                  "flags given here override it")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_flags(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="perplexity of a model, with or without an adapter, on a data file",
+                       formatter_class=fmt)
+    _model_flags(e)
+    e.add_argument("--data", default="shakespeare", help=".txt / .jsonl file or 'shakespeare'")
+    e.add_argument("--split", default="heldout", choices=["heldout", "all"],
+                   help="the held-out slice training used, or the whole file")
+    e.add_argument("--eval-fraction", type=float, default=0.02, help="held-out share (as in training)")
+    e.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    e.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
+    e.add_argument("--eval-sequences", type=int, default=32, help="sequences to score (0: all)")
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="continue a prompt, with or without an adapter", formatter_class=fmt)
+    _model_flags(g)
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.set_defaults(func=_generate)
+
     s = sub.add_parser("smoke", help="load quantized, add LoRA, train a few steps, save and reload the adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=fmt)
     s.add_argument("--model", default=None, help="HF model folder or .gguf file (default: a small random Llama)")
     s.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"], help="base weight format")
     s.add_argument("--rank", type=int, default=16, help="LoRA rank")
     s.add_argument("--steps", type=int, default=20, help="optimizer steps")
     s.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     s.add_argument("--out", default="out/smoke-adapter", help="where the adapter folder goes")
-    s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=_smoke)
     return p
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import TrainingDiverged
+
     try:
         args.func(args)
+    except TrainingDiverged as e:
+        print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"qlora-kit {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -107,3 +107,19 @@ def packed_nbytes(packed: dict[str, Tensor]) -> int:
 def code_table(fmt: str) -> Tensor:
     """The 16 values a 4-bit code stands for (before scaling by the block's absmax)."""
     return bnbF.get_4bit_type(fmt, device="cpu")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """'adamw' (torch), or bitsandbytes' 'adamw8bit' / 'paged_adamw8bit' (8-bit blockwise moments).
+
+    Paged optimizers page their state to host memory under GPU memory pressure; on a CPU they
+    behave as the plain 8-bit one.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes.optim as bnb_optim
+
+    classes = {"adamw8bit": bnb_optim.AdamW8bit, "paged_adamw8bit": bnb_optim.PagedAdamW8bit}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r}: use adamw, adamw8bit or paged_adamw8bit")
+    return classes[name](params, lr=lr, weight_decay=weight_decay)

@@ -75,3 +75,60 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def token_batch(n: int = 2, t: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, t), generator=g)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def synthetic_text(n_lines: int = 600, seed: int = 0) -> str:
+    """Text with learnable structure: a small grammar of names, verbs and objects."""
+    import random
+    rng = random.Random(seed)
+    names, verbs, things = ["ROMEO", "JULIET", "NURSE", "TYBALT"], ["loves", "fears", "sees", "keeps"], [
+        "the moon", "a rose", "the night", "her sword", "his name"]
+    lines = []
+    for _ in range(n_lines):
+        who = rng.choice(names)
+        lines.append(f"{who}:\n{rng.choice(names).title()} {rng.choice(verbs)} {rng.choice(things)}.\n")
+    return "\n".join(lines)
+
+
+def make_tokenizer(folder, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained on the synthetic text, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([synthetic_text(200)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None)
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def run_model(tmp_path_factory):
+    """A tiny random Llama with a real tokenizer: what `qlora-kit train --model` needs."""
+    folder = tmp_path_factory.mktemp("run_model")
+    tok = make_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "play.txt"
+    path.write_text(synthetic_text())
+    return path

@@ -1,0 +1,394 @@
+"""The training loop: data -> batches -> steps -> checkpoints, with exact resume.
+
+A run folder holds:
+  run.json                 the settings the run started with (a resume must use the same ones)
+  metrics.jsonl            one line per step and per evaluation
+  checkpoints/step-NNNNNN  adapter + optimizer + scheduler + RNG states, each written atomically
+  adapter/                 the final adapter (PEFT layout)
+The data position is a pure function of the step (see data.micro_batch), so a checkpoint restores
+everything a resumed run needs to continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import defaults
+from .adapters import load_adapter, write_adapter_files
+from .config import TrainConfig, parse_dtype
+from .data import IGNORE, Sequences, load_dataset, micro_batch
+from .formats import make_optimizer
+from .io import atomic_dir, atomic_write_bytes
+from .loading import default_compute_dtype, load_quantized
+from .patch import add_lora, lora_layers, parameter_report, trainable_parameters
+
+# Settings that may differ between a run and its resume without changing the result.
+RESUME_FREE = {"resume", "out", "device", "cache_dir", "save_every", "keep_checkpoints", "eval_every",
+               "sample_tokens"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapter: Path
+    steps: int
+    ppl_before: float | None
+    ppl_after: float | None
+    sample_before: str | None = None
+    sample_after: str | None = None
+
+
+def load_model_and_tokenizer(model: str, quant: str = "nf4", compute_dtype: str = "auto", device: str = "cpu",
+                             double_quant: bool = True, blocksize: int = 64, cache_dir: str | None = None):
+    """Resolve the model (path, .gguf, or the embedded default), then load it quantized with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = defaults.resolve_model(model)
+    if path.suffix == ".gguf":
+        from .gguf import gguf_to_hf_dir
+        path = gguf_to_hf_dir(path, cache_dir=cache_dir)
+    dtype = default_compute_dtype(device) if compute_dtype == "auto" else parse_dtype(compute_dtype)
+    net = load_quantized(path, quant=quant, compute_dtype=dtype, double_quant=double_quant, blocksize=blocksize,
+                         device=device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())[:200]})"
+                         ) from None
+    return net, tok
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, seqs: Sequences, batch_size: int, limit: int = 0) -> float:
+    """exp(mean next-token loss) over the labelled tokens of the first `limit` sequences (0: all)."""
+    was_training = model.training
+    model.eval()
+    n = len(seqs) if limit <= 0 else min(limit, len(seqs))
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, n, batch_size):
+        batch = {k: v.to(device) for k, v in seqs.select(slice(i, min(i + batch_size, n))).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> str:
+    """Greedy continuation (uses no randomness, so it never disturbs a run's RNG)."""
+    was_training = model.training
+    model.eval()
+    ids = prompt_ids.to(next(model.parameters()).device)[None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
+          _on_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+    """Run (or resume) a training run as described by cfg.
+
+    Raises:
+        ValueError, FileNotFoundError: bad settings or input, before any training.
+        TrainingDiverged: the loss became NaN/inf; the last good checkpoint stays.
+    """
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    start_step, ckpt = 0, None
+    if cfg.resume:
+        _check_same_run(out, cfg)
+        ckpt = latest_checkpoint(ckpt_dir)
+        if ckpt is None:
+            log(f"no checkpoint in {ckpt_dir} yet: starting the run from the beginning")
+    elif ckpt_dir.exists() and any(ckpt_dir.glob("step-*")):
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.quant, cfg.compute_dtype, device, cfg.double_quant,
+                                          cfg.blocksize, cfg.cache_dir)
+    data_path = defaults.resolve_data(cfg.data, cfg.cache_dir)
+    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_ctx is not None and cfg.seq_len > max_ctx:
+        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context of {max_ctx} tokens")
+    train_set, eval_set = load_dataset(data_path, tok, cfg.seq_len, cfg.packing, cfg.eval_fraction,
+                                       cfg.eval_data, cfg.seed)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"{data_path}: {len(train_set)} training sequences of {cfg.seq_len} tokens, fewer than "
+                         f"one batch of {cfg.batch_size}")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.target_spec(), rslora=cfg.rslora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    state = {"ppl_before": None, "sample_before": None}
+    if ckpt is not None:
+        state = restore_checkpoint(ckpt, model, opt, sched)
+        start_step = state["step"]
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+        log(f"resumed from {ckpt} at step {start_step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    log(parameter_report(model))
+    prompt = eval_set.input_ids[0, :24] if eval_set is not None else train_set.input_ids[0, :24]
+    if ckpt is None and eval_set is not None:
+        state["ppl_before"] = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
+        log(f"held-out perplexity before training: {state['ppl_before']:.2f} "
+            f"({min(len(eval_set), cfg.eval_sequences or len(eval_set))} sequences of {cfg.seq_len} tokens)")
+        _append(out / "metrics.jsonl", {"step": 0, "eval_ppl": state["ppl_before"]})
+    if ckpt is None and cfg.sample_tokens:
+        state["sample_before"] = sample(model, tok, prompt, cfg.sample_tokens)
+        log(f"sample before training:\n  prompt: {tok.decode(prompt)!r}\n  reply:  {state['sample_before']!r}")
+
+    model.train()
+    use_autocast = device.startswith("cuda") and next(
+        iter(lora_layers(model).values())).compute_dtype == torch.bfloat16
+    bar = _progress(cfg.steps, start_step, progress)
+    step = start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = micro_batch(train_set, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                last = latest_checkpoint(ckpt_dir)
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step} (micro-batch {micro + 1}); "
+                                       f"stopped. Last good checkpoint: {last or 'none'}")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                     else torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm became {grad_norm.item()} at step {step}; stopped. "
+                                   f"Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none'}")
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+               "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 3), "mem_mb": round(_memory_mb(device), 1)}
+        _append(out / "metrics.jsonl", row)
+        bar(step, row)
+        if _on_step is not None:
+            _on_step(step, model)
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_set is not None and step < cfg.steps:
+            ppl = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
+            _append(out / "metrics.jsonl", {"step": step, "eval_ppl": ppl})
+            log(f"step {step}: held-out perplexity {ppl:.2f}")
+        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(ckpt_dir, step, model, opt, sched, state, cfg.keep_checkpoints)
+    bar(None, None)
+
+    result = TrainResult(adapter=out / "adapter", steps=step, ppl_before=state.get("ppl_before"),
+                         ppl_after=None, sample_before=state.get("sample_before"))
+    if eval_set is not None:
+        result.ppl_after = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
+        _append(out / "metrics.jsonl", {"step": step, "eval_ppl": result.ppl_after})
+        before = f"{result.ppl_before:.2f} -> " if result.ppl_before else ""
+        log(f"held-out perplexity after training: {before}{result.ppl_after:.2f}")
+    if cfg.sample_tokens:
+        result.sample_after = sample(model, tok, prompt, cfg.sample_tokens)
+        log(f"sample after training:\n  prompt: {tok.decode(prompt)!r}\n  reply:  {result.sample_after!r}")
+    with atomic_dir(result.adapter) as tmp:
+        write_adapter_files(model, tmp, str(defaults.resolve_model(cfg.model)))
+    trainable, total = trainable_parameters(model)
+    log(f"adapter ({trainable:,} trainable parameters) saved to {result.adapter}")
+    return result
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint. A folder only gets its step-* name once it is complete."""
+    done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.exists() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt, sched, state: dict, keep: int) -> Path:
+    """Adapter, optimizer, scheduler and RNG states in one folder that appears atomically."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".step-*"):  # leftovers of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    path = ckpt_dir / f"step-{step:06d}"
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda{i}"] = s
+    meta = {
+        "step": step,
+        "optimizer": _flatten(opt.state_dict(), "opt", tensors),
+        "scheduler": sched.state_dict(),
+        "python_rng": _jsonable(random.getstate()),
+        "ppl_before": state.get("ppl_before"),
+        "sample_before": state.get("sample_before"),
+    }
+    with atomic_dir(path) as tmp:
+        write_adapter_files(model, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainer_state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def restore_checkpoint(path: Path, model: nn.Module, opt, sched) -> dict:
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "trainer_state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: checkpoint cannot be read ({' '.join(str(e).split())[:200]})") from None
+    load_adapter(model, path)
+    opt.load_state_dict(_unflatten(meta["optimizer"], tensors))
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tuples(meta["python_rng"]))
+    return meta
+
+
+def _flatten(obj, prefix: str, tensors: dict):
+    """JSON skeleton of a nested state dict; tensors go to `tensors` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_jsonable(k), _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj, tensors: dict):
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _jsonable(obj):
+    return [_jsonable(v) for v in obj] if isinstance(obj, tuple | list) else obj
+
+
+def _tuples(obj):
+    return tuple(_tuples(v) for v in obj) if isinstance(obj, list) else obj
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    saved = out / "run.json"
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in now if k not in RESUME_FREE and before.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{saved}: --resume with different settings ({k}: {before.get(k)!r} then, {now[k]!r} now); "
+                         "resume with the run's own settings")
+
+
+# ---- logging -------------------------------------------------------------------------------------
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint, so a resumed log equals an uninterrupted one."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def _memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:  # resident set size of this process
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _progress(total: int, start: int, enabled: bool):
+    """A tqdm bar with loss, lr, tokens/s and memory; a no-op when disabled."""
+    if not enabled:
+        return lambda step, row: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(step, row):
+        if step is None:
+            bar.close()
+            return
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        mem=f"{row['mem_mb']:.0f}MB", refresh=False)
+        bar.update(step - bar.n)
+    return update
