@@ -100,20 +100,26 @@ def _train(args: argparse.Namespace) -> None:
     print(f"done: {result.steps} steps in {time.perf_counter() - start:.0f}s{gain}; adapter in {result.adapter}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from . import defaults
+def _load_for_inference(args: argparse.Namespace):
+    """The model (quantized, with the adapter when one is given), its tokenizer and the device."""
     from .adapters import load_adapter
-    from .data import load_dataset
-    from .train import load_model_and_tokenizer, perplexity, resolve_device
+    from .train import load_model_and_tokenizer, resolve_device
 
     device = resolve_device(args.device)
     model, tok = load_model_and_tokenizer(args.model, args.quant, args.compute_dtype, device,
                                           cache_dir=args.cache_dir)
     if args.adapter:
         load_adapter(model, args.adapter)
-    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if max_ctx is not None and args.seq_len > max_ctx:
-        raise ValueError(f"--seq-len {args.seq_len} is beyond the model's context of {max_ctx} tokens")
+    return model, tok, device
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from . import defaults
+    from .data import load_dataset
+    from .train import check_seq_len, perplexity
+
+    model, tok, _ = _load_for_inference(args)
+    check_seq_len(model, args.seq_len)
     path = defaults.resolve_data(args.data, args.cache_dir)
     if args.split == "all":
         seqs, _ = load_dataset(path, tok, args.seq_len, eval_fraction=0.0)
@@ -128,14 +134,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .adapters import load_adapter
-    from .train import load_model_and_tokenizer, resolve_device
-
-    device = resolve_device(args.device)
-    model, tok = load_model_and_tokenizer(args.model, args.quant, args.compute_dtype, device,
-                                          cache_dir=args.cache_dir)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    model, tok, device = _load_for_inference(args)
     prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

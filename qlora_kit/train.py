@@ -32,7 +32,7 @@ from .config import TrainConfig, parse_dtype
 from .data import IGNORE, Sequences, load_dataset, micro_batch
 from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
-from .loading import default_compute_dtype, load_quantized
+from .loading import check_device, default_compute_dtype, load_quantized
 from .patch import add_lora, lora_layers, parameter_report, trainable_parameters
 
 # Settings that may differ between a run and its resume without changing the result.
@@ -74,12 +74,16 @@ def load_model_and_tokenizer(model: str, quant: str = "nf4", compute_dtype: str 
     return net, tok
 
 
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_ctx is not None and seq_len > max_ctx:
+        raise ValueError(f"--seq-len {seq_len} is beyond the model's context of {max_ctx} tokens")
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return device
+    return str(check_device(device))
 
 
 @torch.no_grad()
@@ -148,9 +152,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     model, tok = load_model_and_tokenizer(cfg.model, cfg.quant, cfg.compute_dtype, device, cfg.double_quant,
                                           cfg.blocksize, cfg.cache_dir)
     data_path = defaults.resolve_data(cfg.data, cfg.cache_dir)
-    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if max_ctx is not None and cfg.seq_len > max_ctx:
-        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context of {max_ctx} tokens")
+    check_seq_len(model, cfg.seq_len)
     train_set, eval_set = load_dataset(data_path, tok, cfg.seq_len, cfg.packing, cfg.eval_fraction,
                                        cfg.eval_data, cfg.seed)
     if len(train_set) < cfg.batch_size:
