@@ -4,6 +4,7 @@ from .adapters import load_adapter, save_adapter
 from .config import LoRAConfig, QuantConfig
 from .layers import QuantLinear
 from .loading import load_quantized
+from .merge import MergeConfig, merge
 from .patch import (
     adapter_disabled,
     add_lora,
@@ -17,6 +18,6 @@ from .patch import (
 __all__ = [
     "LoRAConfig", "QuantConfig", "QuantLinear",
     "load_quantized", "add_lora", "select_targets", "lora_layers", "trainable_parameters", "parameter_report",
-    "set_adapter_enabled", "adapter_disabled", "save_adapter", "load_adapter",
+    "set_adapter_enabled", "adapter_disabled", "save_adapter", "load_adapter", "MergeConfig", "merge",
 ]
 __version__ = "0.1.0"

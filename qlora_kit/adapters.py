@@ -25,6 +25,7 @@ from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT = "base_model_fingerprint"
+BASE_QUANT = "base_model_quantization"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 CONFIG_TYPES = {"lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
                 "alpha_pattern": (dict,), "rank_pattern": (dict,), "r": (int,)}
@@ -88,7 +89,13 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
     # The base's fingerprint goes in the safetensors header, where PEFT does not warn about it.
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", FINGERPRINT: fingerprint(model)})
+    metadata = {"format": "pt", FINGERPRINT: fingerprint(model)}
+    quant = getattr(model, "qlora_quant_config", None)
+    if quant is not None:  # how the base was quantized: the function the adapter was trained against
+        metadata[BASE_QUANT] = json.dumps({"quant": quant.quant, "blocksize": quant.blocksize,
+                                           "double_quant": quant.double_quant,
+                                           "compute_dtype": str(quant.compute_dtype).removeprefix("torch.")})
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -122,9 +129,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            recorded = (f.metadata() or {}).get(FINGERPRINT)
-            if recorded:
-                config[FINGERPRINT] = recorded
+            meta = f.metadata() or {}
+            if meta.get(FINGERPRINT):
+                config[FINGERPRINT] = meta[FINGERPRINT]
+            if meta.get(BASE_QUANT):
+                config[BASE_QUANT] = json.loads(meta[BASE_QUANT])
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:

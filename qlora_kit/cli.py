@@ -147,6 +147,17 @@ def _generate(args: argparse.Namespace) -> None:
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from .merge import MergeConfig, merge
+
+    cfg = MergeConfig(model=args.model, adapter=args.adapter, out=args.out, format=args.format, method=args.method,
+                      onto=args.onto, calib_data=args.calib_data, calib_tokens=args.calib_tokens,
+                      eval_data=args.eval_data, eval_sequences=args.eval_sequences, seq_len=args.seq_len,
+                      dtype=args.dtype, force=args.force, cache_dir=args.cache_dir)
+    merge(cfg)
+    print(f"merged model written to {cfg.out} (report: {Path(cfg.out) / 'merge_report.json'})")
+
+
 def _smoke(args: argparse.Namespace) -> None:
     """Load a model quantized, add LoRA, take a few steps, save the adapter and load it back."""
     import torch
@@ -237,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.set_defaults(func=_generate)
+
+    m = sub.add_parser("merge", help="fold an adapter into its base and export it (16-bit, or requantized with a "
+                                     "fidelity report)", formatter_class=fmt)
+    m.add_argument("--model", default="smollm2-135m", help="base: HF model folder, .gguf, or 'smollm2-135m'")
+    m.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    m.add_argument("--out", required=True, help="output model folder (refused if it exists, unless --force)")
+    m.add_argument("--format", default="nf4", choices=["bf16", "fp16", "fp32", "nf4", "fp4", "int8"],
+                   help="export format")
+    m.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
+                   help="requantization: gptq (error feedback on calibration data; what auto means) or rtn "
+                        "(round to nearest)")
+    m.add_argument("--onto", default="quantized", choices=["quantized", "original"],
+                   help="merge onto the dequantized 4/8-bit weights the adapter was trained on, or the originals")
+    m.add_argument("--calib-data", default=None, help="calibration text (default: held-out rows of --eval-data)")
+    m.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens")
+    m.add_argument("--eval-data", default="shakespeare", help="held-out text for the perplexity report")
+    m.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences scored")
+    m.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    m.add_argument("--dtype", default="bf16", help="dtype of the unquantized tensors of a 4/8-bit export")
+    m.add_argument("--force", action="store_true", help="replace an existing --out")
+    m.add_argument("--cache-dir", default=None, help="cache for converted models and data")
+    m.set_defaults(func=_merge)
 
     s = sub.add_parser("smoke", help="load quantized, add LoRA, train a few steps, save and reload the adapter",
                        formatter_class=fmt)

@@ -123,3 +123,40 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}: use adamw, adamw8bit or paged_adamw8bit")
     return classes[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def block_scales(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int) -> Tensor:
+    """The float32 scale of every 4-bit block (the double-quantized absmax decoded), or int8's row scale / 127."""
+    if fmt == "int8":
+        return packed["scb"].float() / 127
+    if "nested_absmax" not in packed:
+        return packed["absmax"].float()
+    state2 = bnbF.QuantState(absmax=packed["nested_absmax"], code=packed["nested_quant_map"],
+                             blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    return bnbF.dequantize_blockwise(packed["absmax"], state2).float() + packed["offset"][0]
+
+
+def pack_4bit_codes(codes: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Packed form with the given (out, in) 4-bit codes and the scales of `like` (two codes a byte, high nibble first)."""
+    flat = codes.flatten().to(torch.uint8)
+    out = dict(like)
+    out["weight"] = ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1)
+    return out
+
+
+def pack_int8_codes(codes: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Packed int8 form with the given (out, in) codes in [-127, 127] and the row scales of `like`."""
+    return {"weight": codes.to(torch.int8).contiguous(), "scb": like["scb"]}
+
+
+def bnb_checkpoint_tensors(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
+                           dtype: torch.dtype) -> dict[str, Tensor]:
+    """The tensors bitsandbytes' transformers integration stores for one linear layer, keyed relative to
+    the layer ("weight", "weight.absmax", ... / "weight", "SCB", "weight_format")."""
+    if fmt == "int8":
+        return {"weight": packed["weight"], "SCB": packed["scb"].float(),
+                "weight_format": torch.tensor(0, dtype=torch.uint8)}  # 0: row-major, the only format left
+    state = _quant_state(packed, fmt, shape, blocksize, dtype)
+    out = {"weight": packed["weight"]}
+    out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+    return out

@@ -1,0 +1,448 @@
+"""Merge an adapter into its base and export: 16-bit, or requantized with the update kept.
+
+A LoRA update is usually far smaller than one 4-bit quantization step, so re-rounding the merged
+weight to the nearest code (round-to-nearest, `method="rtn"`) leaves most codes where they were
+and throws most of the update away. The default for 4-bit (`method="gptq"`) keeps every block's
+scale from the base and chooses the codes column by column with error feedback, minimising the
+layer's output error ||X (W' - Q)^T|| on calibration activations X (as GPTQ does), so small updates
+survive as a pattern of changed codes. Every export comes with a fidelity report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import defaults, formats
+from .adapters import BASE_QUANT, load_adapter, read_adapter
+from .config import QuantConfig, parse_dtype
+from .data import IGNORE, Sequences, load_dataset
+from .io import atomic_dir
+from .layers import QuantLinear
+from .loading import checkpoint_files, load_quantized
+from .patch import adapter_disabled, lora_layers
+
+FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8")
+SHARD_BYTES = 2 * 2**30
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    """What to merge and how to export it."""
+
+    model: str
+    adapter: str
+    out: str
+    format: str = "nf4"
+    method: str = "auto"  # 'gptq' (error feedback on calibration data; what auto means) or 'rtn' (round to nearest)
+    onto: str = "quantized"  # merge onto dequant(Q(W)) (what was trained) or the 'original' weights
+    calib_data: str | None = None  # default: the held-out slice of eval_data
+    calib_tokens: int = 2048
+    eval_data: str = "shakespeare"
+    eval_sequences: int = 32
+    seq_len: int = 128
+    dtype: str = "bf16"  # dtype of unquantized tensors in a 4/8-bit export
+    force: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown export format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.method not in ("auto", "gptq", "rtn"):
+            raise ValueError(f"unknown method {self.method!r}: use gptq or rtn")
+        if self.onto not in ("quantized", "original"):
+            raise ValueError(f"--onto {self.onto!r}: use 'quantized' or 'original'")
+        if self.calib_tokens < 1 or self.seq_len < 1:
+            raise ValueError("calib-tokens and seq-len must be >= 1")
+        parse_dtype(self.dtype, "dtype")
+
+    @property
+    def quantized(self) -> bool:
+        return self.format in ("nf4", "fp4", "int8")
+
+    def resolved_method(self) -> str:
+        if not self.quantized:
+            return "none"
+        return "gptq" if self.method == "auto" else self.method
+
+
+def merge(cfg: MergeConfig, log=print) -> dict:
+    """Merge cfg.adapter into cfg.model and write the export to cfg.out (atomically).
+
+    Returns:
+        The fidelity report (also written to <out>/merge_report.json).
+    Raises:
+        ValueError, FileNotFoundError, FileExistsError: before any work, for bad input.
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+    src = defaults.resolve_model(cfg.model)
+    if src.suffix == ".gguf":
+        from .gguf import gguf_to_hf_dir
+        src = gguf_to_hf_dir(src, cache_dir=cfg.cache_dir)
+    adapter_cfg, _ = read_adapter(cfg.adapter)
+    trained = adapter_cfg.get(BASE_QUANT) or {"quant": "nf4", "blocksize": 64, "double_quant": True,
+                                              "compute_dtype": "float32"}
+    qcfg = QuantConfig(quant=trained["quant"], compute_dtype=parse_dtype(trained["compute_dtype"]),
+                       double_quant=trained["double_quant"], blocksize=trained["blocksize"])
+    model = load_quantized(src, quant=qcfg.quant, compute_dtype=torch.float32, double_quant=qcfg.double_quant,
+                           blocksize=qcfg.blocksize)
+    load_adapter(model, cfg.adapter)  # refuses an adapter that does not fit, before any work
+    layers = lora_layers(model)
+    if cfg.quantized and any(m.fan_in_fan_out for m in layers.values()):
+        raise ValueError(f"{src}: {cfg.format} export of transposed Conv1D layers (GPT-2 style) is not supported; "
+                         "export bf16/fp16/fp32 instead")
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    eval_set, calib = _eval_and_calibration(cfg, tok)
+    method = cfg.resolved_method()
+    log(f"merging {len(layers)} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
+        f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights")
+
+    hessians = _input_hessians(model, layers, calib)
+    rows, new_packed = [], {}
+    original = _SourceTensors(src, model) if cfg.onto == "original" else None
+    for name, layer in layers.items():
+        w_q = layer.dequantize(torch.float32)  # (out, in): the weight the adapter was trained on
+        delta = layer.delta_weight().detach().float()
+        base = original.weight(name, layer) if original else w_q
+        merged = base + delta
+        row = {"layer": name, "update_rel": _ratio(delta, base), "shape": [layer.out_features, layer.in_features]}
+        if original:
+            row["quant_err_rel"] = _ratio(w_q - base, base)
+        if cfg.quantized:
+            packed, row["scales"] = _requantize(layer, merged, cfg.format, qcfg, method, hessians[name])
+            new_w = formats.dequantize(packed, cfg.format, (layer.out_features, layer.in_features),
+                                       qcfg.blocksize, torch.float32)
+            ref_packed = layer.packed() if cfg.format == qcfg.quant else formats.quantize(
+                base, dataclasses.replace(qcfg, quant=cfg.format, compute_dtype=torch.float32))
+            old_w = formats.dequantize(ref_packed, cfg.format, (layer.out_features, layer.in_features),
+                                       qcfg.blocksize, torch.float32)
+            row.update(_retained(new_w - old_w, delta, hessians.pop(name)))
+            row["codes_changed"] = _codes_changed(packed, ref_packed, cfg.format)
+            new_packed[name] = packed
+        else:
+            out_dtype = parse_dtype(cfg.format)
+            row.update(_retained(merged.to(out_dtype).float() - base.to(out_dtype).float(), delta, hessians.pop(name)))
+            new_packed[name] = merged.to(out_dtype)
+        rows.append(row)
+
+    report = {"format": cfg.format, "method": method, "onto": cfg.onto, "model": str(src), "adapter": str(cfg.adapter),
+              "layers": rows}
+    with atomic_dir(out) as tmp:
+        _write_export(model, src, tmp, cfg, qcfg, new_packed)
+        log(f"wrote the {cfg.format} export; evaluating it")
+        report["model_metrics"] = _evaluate(model, tmp, cfg, eval_set)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(format_report(report))
+    return report
+
+
+# ---- requantization ------------------------------------------------------------------------------
+
+def _requantize(layer: QuantLinear, merged: torch.Tensor, fmt: str, qcfg: QuantConfig, method: str,
+                hessian: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The packed export of one merged weight, and which scales it uses ('base', 'fresh')."""
+    shape = (layer.out_features, layer.in_features)
+    fresh = formats.quantize(merged, dataclasses.replace(qcfg, quant=fmt, compute_dtype=torch.float32))
+    if method == "rtn":
+        return fresh, "fresh"
+    # Two candidate grids: the base's own scales (a small update then moves only the codes it must)
+    # and fresh scales from the merged weight (needed when the update is large enough to change a
+    # block's range). Codes are chosen by error feedback on each; the lower output error wins.
+    candidates = [("fresh", fresh)] + ([("base", layer.packed())] if fmt == layer.fmt else [])
+    best = None
+    for label, like in candidates:
+        scales = formats.block_scales(like, fmt, shape, qcfg.blocksize)
+        if fmt == "int8":
+            codes = gptq_codes(merged, hessian, _Int8Grid(scales))
+            packed = formats.pack_int8_codes(codes, like)
+        else:
+            grid = _FourBitGrid(formats.code_table(fmt).float(), scales, shape[1], qcfg.blocksize)
+            packed = formats.pack_4bit_codes(gptq_codes(merged, hessian, grid), like)
+        diff = formats.dequantize(packed, fmt, shape, qcfg.blocksize, torch.float32).double() - merged.double()
+        err = float(((diff @ hessian.double()) * diff).sum())  # ||X (Q - W')^T||^2 on the calibration inputs
+        if best is None or err < best[0]:
+            best = (err, packed, label)
+    return best[1], best[2]
+
+
+class _FourBitGrid:
+    """Nearest 4-bit code for one column, with each element's block scale held fixed."""
+
+    def __init__(self, table: torch.Tensor, scales: torch.Tensor, in_features: int, blocksize: int):
+        self.table, self.scales, self.in_f, self.bs = table, scales, in_features, blocksize
+
+    def __call__(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(w.shape[0])
+        scale = self.scales[(rows * self.in_f + col) // self.bs]  # (out,)
+        codes = (w[:, None] / scale.clamp_min(1e-12)[:, None] - self.table[None]).abs().argmin(dim=1)
+        return self.table[codes] * scale, codes
+
+
+class _Int8Grid:
+    def __init__(self, row_scales: torch.Tensor):
+        self.s = row_scales.clamp_min(1e-12)
+
+    def __call__(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = (w / self.s).round().clamp(-127, 127)
+        return codes * self.s, codes
+
+
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, grid, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """Codes for W (out, in) on a fixed grid, rounding one input column at a time and pushing each
+    column's rounding error onto the columns not yet rounded, weighted by the inverse of H = X^T X.
+    """
+    w = w.clone().double()
+    n = w.shape[1]
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(w.shape, dtype=torch.long)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q, c = grid(w1[:, i].float(), i1 + i)
+            codes[:, i1 + i] = c
+            err = (w1[:, i] - q.double()) / h1[i, i]
+            w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
+@torch.no_grad()
+def _input_hessians(model: nn.Module, layers: dict[str, QuantLinear], calib: Sequences) -> dict[str, torch.Tensor]:
+    """H = sum of x x^T over the calibration tokens, for each LoRA layer's input (adapter on)."""
+    hs = {name: torch.zeros(m.in_features, m.in_features) for name, m in layers.items()}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            hs[name].addmm_(x.t(), x)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for i in range(len(calib)):
+            model(**{k: v for k, v in calib.select(slice(i, i + 1)).items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def _retained(actual: torch.Tensor, intended: torch.Tensor, hessian: torch.Tensor) -> dict:
+    """How much of the intended update dW the export really applies (actual = its weight change).
+
+    Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
+    feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
+    """
+    a, b = actual.double(), intended.double()
+    h = hessian.double()
+    ah, bh = a @ h, b @ h
+
+    def cos_ratio(ab: float, aa: float, bb: float) -> tuple[float, float]:
+        if aa <= 0 or bb <= 0:
+            return 0.0, 0.0
+        return round(ab / math.sqrt(aa * bb), 4), round(math.sqrt(aa / bb), 4)
+
+    w_cos, w_ratio = cos_ratio(float((a * b).sum()), float((a * a).sum()), float((b * b).sum()))
+    o_cos, o_ratio = cos_ratio(float((ah * b).sum()), float((ah * a).sum()), float((bh * b).sum()))
+    return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
+
+
+def _codes_changed(new: dict, old: dict, fmt: str) -> float:
+    if fmt == "int8":
+        return float((new["weight"] != old["weight"]).float().mean())
+    a, b = new["weight"].flatten(), old["weight"].flatten()
+    changed = ((a >> 4) != (b >> 4)).float().sum() + ((a & 15) != (b & 15)).float().sum()
+    return round(float(changed / (2 * a.numel())), 5)
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float(a.norm() / b.norm().clamp_min(1e-30)), 6)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+class _SourceTensors:
+    """Original (unquantized) weights, read one tensor at a time from the source checkpoint."""
+
+    def __init__(self, src: Path, model: nn.Module):
+        self.where: dict[str, Path] = {}
+        for f in checkpoint_files(src):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self.where[k] = f
+        self.prefix = getattr(model, "base_model_prefix", "")
+
+    def weight(self, name: str, layer: QuantLinear) -> torch.Tensor:
+        for key in (f"{name}.weight", f"{name.removeprefix(self.prefix + '.')}.weight"):
+            if key in self.where:
+                with safe_open(str(self.where[key]), framework="pt") as h:
+                    w = h.get_tensor(key).float()
+                return w.t() if layer.fan_in_fan_out else w
+        raise ValueError(f"{name}.weight is not in the source checkpoint")
+
+
+def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, qcfg: QuantConfig,
+                  merged: dict[str, object]) -> None:
+    """config.json (+ quantization_config), tokenizer files and safetensors shards with an index."""
+    dense_dtype = parse_dtype(cfg.format) if not cfg.quantized else parse_dtype(cfg.dtype)
+    shards, current, size = [], {}, 0
+
+    def add(key: str, t: torch.Tensor) -> None:
+        nonlocal current, size
+        current[key] = t.detach().cpu().contiguous()
+        size += t.numel() * t.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, str(folder / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, size = {}, 0
+
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            value = merged.get(name)
+            if value is None:  # a quantized layer the adapter did not touch
+                value = module.dequantize(torch.float32).to(dense_dtype) if not cfg.quantized else module.packed()
+            if isinstance(value, dict):
+                for k, t in formats.bnb_checkpoint_tensors(value, cfg.format if name in merged else module.fmt,
+                                                           (module.out_features, module.in_features),
+                                                           qcfg.blocksize, qcfg.compute_dtype).items():
+                    add(f"{name}.{k}", t)
+            else:
+                add(f"{name}.weight", value.t() if module.fan_in_fan_out else value)
+            if module.bias is not None:
+                add(f"{name}.bias", module.bias.to(dense_dtype))
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            key = f"{name}.{pname}" if name else pname
+            if id(p) in seen or pname in getattr(module, "_non_persistent_buffers_set", set()):
+                continue  # tied weights are written once, under their first name
+            seen.add(id(p))
+            add(key, p.to(dense_dtype) if p.is_floating_point() else p)
+    flush()
+    if len(shards) == 1:
+        (folder / shards[0][0]).rename(folder / "model.safetensors")
+    else:
+        index = {"metadata": {}, "weight_map": {k: n for n, keys in shards for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = str(dense_dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    if cfg.quantized:
+        from transformers import BitsAndBytesConfig
+
+        four = cfg.format != "int8"
+        config["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type=cfg.format if four else "nf4",
+            bnb_4bit_use_double_quant=qcfg.double_quant, bnb_4bit_compute_dtype=dense_dtype,
+            llm_int8_threshold=0.0 if not four else 6.0).to_dict()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in src.iterdir():  # tokenizer and generation settings travel with the weights
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab",
+                                               "merges", "chat_template"))):
+            shutil.copy2(f, folder / f.name)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+def _eval_and_calibration(cfg: MergeConfig, tok) -> tuple[Sequences, Sequences]:
+    path = defaults.resolve_data(cfg.eval_data, cfg.cache_dir)
+    _, held = load_dataset(path, tok, cfg.seq_len)
+    if held is None:
+        raise ValueError(f"{path}: no held-out text to evaluate on")
+    n_eval = min(cfg.eval_sequences, len(held)) if cfg.eval_sequences else len(held)
+    n_cal = math.ceil(cfg.calib_tokens / cfg.seq_len)
+    if cfg.calib_data:
+        calib, _ = load_dataset(cfg.calib_data, tok, cfg.seq_len, eval_fraction=0.0)
+        calib_rows = slice(0, min(n_cal, len(calib)))
+    else:  # the held-out rows after the evaluation rows, so calibration never sees the evaluation text
+        calib, calib_rows = held, slice(n_eval, min(n_eval + n_cal, len(held)))
+        if calib_rows.start >= calib_rows.stop:
+            calib_rows = slice(0, min(n_cal, len(held)))
+    pick = lambda s, r: Sequences(**s.select(r))  # noqa: E731
+    return pick(held, slice(0, n_eval)), pick(calib, calib_rows)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, export: Path, cfg: MergeConfig, seqs: Sequences) -> dict:
+    """Perplexity of base, unmerged adapter and the export as plain transformers loads it; KL to unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    model.eval()
+    with adapter_disabled(model):
+        ppl_base, _ = _ppl(model, seqs)
+    ppl_unmerged, logits_ref = _ppl(model, seqs, keep_logits=True)
+    kwargs = {"device_map": "cpu"} if cfg.quantized else {}
+    exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs).eval()
+    ppl_merged, logits = _ppl(exported, seqs, keep_logits=True)
+    del exported
+    kl = F.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    gain = ppl_base - ppl_unmerged
+    return {"ppl_base": ppl_base, "ppl_unmerged": ppl_unmerged, "ppl_merged": ppl_merged,
+            "kept_gain": (ppl_base - ppl_merged) / gain if abs(gain) > 1e-9 else None,
+            "kl_merged_vs_unmerged": float(kl), "logits_rel_err": _ratio(logits - logits_ref, logits_ref)}
+
+
+def _ppl(model: nn.Module, seqs: Sequences, keep_logits: bool = False):
+    total, count, kept = 0.0, 0, []
+    for i in range(0, len(seqs), 4):
+        batch = seqs.select(slice(i, i + 4))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+        if keep_logits:
+            kept.append(logits[:, :-1].flatten(0, 1))
+    return math.exp(total / max(count, 1)), (torch.cat(kept) if keep_logits else None)
+
+
+def format_report(report: dict) -> str:
+    """The printed table: per layer, then the model."""
+    lines = [f"{'layer':<44} {'|dW|/|W|':>9} {'codes chg':>9} {'w cos':>6} {'w norm':>7} {'out cos':>7} "
+             f"{'out norm':>8}"]
+    lost = 0
+    for r in report["layers"]:
+        flag = ""
+        if r["output_cos"] < 0.5:
+            lost += 1
+            flag = "  update lost"
+        lines.append(f"{r['layer'][-44:]:<44} {r['update_rel']:>9.2e} {r.get('codes_changed', float('nan')):>9.4f} "
+                     f"{r['update_cos']:>6.3f} {r['update_norm_ratio']:>7.3f} {r['output_cos']:>7.3f} "
+                     f"{r['output_norm_ratio']:>8.3f}{flag}")
+    m = report.get("model_metrics", {})
+    n = len(report["layers"])
+    lines.append(f"{lost} of {n} layers kept less than half of their update's effect on the outputs (out cos < 0.5)"
+                 if lost else f"all {n} layers kept their update's effect on the outputs (out cos >= 0.5)")
+    if m:
+        kept = f"{100 * m['kept_gain']:.1f}%" if m["kept_gain"] is not None else "n/a"
+        lines.append(f"held-out perplexity: base {m['ppl_base']:.2f}, adapter unmerged {m['ppl_unmerged']:.2f}, "
+                     f"merged {report['format']} export {m['ppl_merged']:.2f} -> kept {kept} of the adapter's gain")
+        lines.append(f"merged vs unmerged logits: KL {m['kl_merged_vs_unmerged']:.4g} nats/token, "
+                     f"relative error {m['logits_rel_err']:.3g}")
+    return "\n".join(lines)
