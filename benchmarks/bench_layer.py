@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable
 
 import bitsandbytes
 import torch
+from _common import machine
 from torch import Tensor, nn
 
 from qlora_kit.config import QuantConfig, parse_dtype
@@ -70,18 +70,6 @@ def parse_args() -> argparse.Namespace:
     for fmt in args.formats:
         QuantConfig(quant=fmt)  # raises on an unknown format
     return args
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
 
 
 def build(kind: str, weight: Tensor, dtype: torch.dtype, rank: int) -> nn.Module:

@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine
 
 from qlora_kit.config import parse_dtype
 
@@ -110,18 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup must be >= 0, --steps and --rounds >= 1")
     return args
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
 
 
 def versions() -> dict[str, str]:
