@@ -176,7 +176,7 @@ def build_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, p
             t_ids[r, : len(x)] = torch.tensor(x)
             t_lab[r, : len(y)] = torch.tensor(y)
             mask[r, : len(x)] = 1
-    keep = (t_lab != IGNORE).any(dim=1)
+    keep = (t_lab[:, 1:] != IGNORE).any(dim=1)  # position 0 is never predicted
     seqs = Sequences(t_ids[keep], t_lab[keep], mask[keep])
     if len(seqs) == 0:
         raise ValueError(f"{source}: no sequence has a token to train on (are all completions empty or truncated "
@@ -193,6 +193,8 @@ def load_dataset(path: str | os.PathLike, tokenizer, seq_len: int, pack: bool = 
     the last `eval_fraction` of them are held out. `eval_path` replaces the split with a second file.
     """
     records = read_records(path)
+    if len(records) == 1 and "text" in records[0]:
+        pack = True  # one long text: padding would keep only its first seq_len tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eos_id = tokenizer.eos_token_id
     examples = [tokenize(r, tokenizer, f"{path}:{i + 1}") for i, r in enumerate(records)]

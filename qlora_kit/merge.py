@@ -105,7 +105,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
         raise ValueError(f"{src}: {cfg.format} export of transposed Conv1D layers (GPT-2 style) is not supported; "
                          "export bf16/fp16/fp32 instead")
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    eval_set, calib = _eval_and_calibration(cfg, tok)
+    eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
     log(f"merging {len(layers)} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
         f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights")
@@ -130,7 +130,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
             old_w = formats.dequantize(ref_packed, cfg.format, (layer.out_features, layer.in_features),
                                        qcfg.blocksize, torch.float32)
             row.update(_retained(new_w - old_w, delta, hessians.pop(name)))
-            row["codes_changed"] = _codes_changed(packed, ref_packed, cfg.format)
+            row["codes_changed"] = _values_changed(new_w, old_w)
             new_packed[name] = packed
         else:
             out_dtype = parse_dtype(cfg.format)
@@ -141,7 +141,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     report = {"format": cfg.format, "method": method, "onto": cfg.onto, "model": str(src), "adapter": str(cfg.adapter),
               "layers": rows}
     with atomic_dir(out) as tmp:
-        _write_export(model, src, tmp, cfg, qcfg, new_packed)
+        _write_export(model, src, tmp, cfg, qcfg, new_packed, tok)
         log(f"wrote the {cfg.format} export; evaluating it")
         report["model_metrics"] = _evaluate(model, tmp, cfg, eval_set)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -266,12 +266,9 @@ def _retained(actual: torch.Tensor, intended: torch.Tensor, hessian: torch.Tenso
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
 
 
-def _codes_changed(new: dict, old: dict, fmt: str) -> float:
-    if fmt == "int8":
-        return float((new["weight"] != old["weight"]).float().mean())
-    a, b = new["weight"].flatten(), old["weight"].flatten()
-    changed = ((a >> 4) != (b >> 4)).float().sum() + ((a & 15) != (b & 15)).float().sum()
-    return round(float(changed / (2 * a.numel())), 5)
+def _values_changed(new: torch.Tensor, old: torch.Tensor) -> float:
+    """Share of weights whose stored (dequantized) value moved; fp4's two zero codes count as one value."""
+    return round(float((new != old).float().mean()), 5)
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -301,7 +298,7 @@ class _SourceTensors:
 
 
 def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, qcfg: QuantConfig,
-                  merged: dict[str, object]) -> None:
+                  merged: dict[str, object], tok) -> None:
     """config.json (+ quantization_config), tokenizer files and safetensors shards with an index."""
     dense_dtype = parse_dtype(cfg.format) if not cfg.quantized else parse_dtype(cfg.dtype)
     shards, current, size = [], {}, 0
@@ -325,10 +322,14 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, q
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             value = merged.get(name)
-            if value is None:  # a quantized layer the adapter did not touch
-                value = module.dequantize(torch.float32).to(dense_dtype) if not cfg.quantized else module.packed()
+            if value is None and not cfg.quantized:  # a layer the adapter did not touch
+                value = module.dequantize(torch.float32).to(dense_dtype)
+            elif value is None:
+                value = module.packed() if module.fmt == cfg.format else formats.quantize(
+                    module.dequantize(torch.float32), dataclasses.replace(qcfg, quant=cfg.format,
+                                                                          compute_dtype=torch.float32))
             if isinstance(value, dict):
-                for k, t in formats.bnb_checkpoint_tensors(value, cfg.format if name in merged else module.fmt,
+                for k, t in formats.bnb_checkpoint_tensors(value, cfg.format,
                                                            (module.out_features, module.in_features),
                                                            qcfg.blocksize, qcfg.compute_dtype).items():
                     add(f"{name}.{k}", t)
@@ -362,30 +363,35 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, q
             bnb_4bit_use_double_quant=qcfg.double_quant, bnb_4bit_compute_dtype=dense_dtype,
             llm_int8_threshold=0.0 if not four else 6.0).to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for f in src.iterdir():  # tokenizer and generation settings travel with the weights
-        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab",
-                                               "merges", "chat_template"))):
-            shutil.copy2(f, folder / f.name)
+    tok.save_pretrained(folder)  # the tokenizer and generation settings travel with the weights
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", folder / "generation_config.json")
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-def _eval_and_calibration(cfg: MergeConfig, tok) -> tuple[Sequences, Sequences]:
+def _eval_and_calibration(cfg: MergeConfig, tok, log) -> tuple[Sequences, Sequences]:
+    """Evaluation rows (the start of the held-out slice) and calibration rows that never overlap them:
+    --calib-data, else the held-out rows after the evaluation rows, else the end of the training split."""
     path = defaults.resolve_data(cfg.eval_data, cfg.cache_dir)
-    _, held = load_dataset(path, tok, cfg.seq_len)
+    train_rows, held = load_dataset(path, tok, cfg.seq_len)
     if held is None:
         raise ValueError(f"{path}: no held-out text to evaluate on")
     n_eval = min(cfg.eval_sequences, len(held)) if cfg.eval_sequences else len(held)
     n_cal = math.ceil(cfg.calib_tokens / cfg.seq_len)
+    pick = lambda s, r: Sequences(**s.select(r))  # noqa: E731
     if cfg.calib_data:
         calib, _ = load_dataset(cfg.calib_data, tok, cfg.seq_len, eval_fraction=0.0)
-        calib_rows = slice(0, min(n_cal, len(calib)))
-    else:  # the held-out rows after the evaluation rows, so calibration never sees the evaluation text
-        calib, calib_rows = held, slice(n_eval, min(n_eval + n_cal, len(held)))
-        if calib_rows.start >= calib_rows.stop:
-            calib_rows = slice(0, min(n_cal, len(held)))
-    pick = lambda s, r: Sequences(**s.select(r))  # noqa: E731
-    return pick(held, slice(0, n_eval)), pick(calib, calib_rows)
+        calib = pick(calib, slice(0, min(n_cal, len(calib))))
+    elif len(held) - n_eval >= n_cal:
+        calib = pick(held, slice(n_eval, n_eval + n_cal))
+    else:
+        calib = pick(train_rows, slice(max(0, len(train_rows) - n_cal), len(train_rows)))
+        log(f"calibration: the held-out slice has too few rows beyond the {n_eval} evaluation rows; "
+            f"using the last {len(calib)} training rows")
+    if len(calib) * cfg.seq_len < cfg.calib_tokens:
+        log(f"calibration: only {len(calib) * cfg.seq_len} tokens available (asked for {cfg.calib_tokens})")
+    return pick(held, slice(0, n_eval)), calib
 
 
 @torch.no_grad()
@@ -396,7 +402,7 @@ def _evaluate(model: nn.Module, export: Path, cfg: MergeConfig, seqs: Sequences)
     model.eval()
     with adapter_disabled(model):
         ppl_base, _ = _ppl(model, seqs)
-    ppl_unmerged, logits_ref = _ppl(model, seqs, keep_logits=True)
+    ppl_unmerged, logits_ref = _ppl(model, seqs, keep_logits=True)  # logits at the scored positions only
     kwargs = {"device_map": "cpu"} if cfg.quantized else {}
     exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs).eval()
     ppl_merged, logits = _ppl(exported, seqs, keep_logits=True)
@@ -418,7 +424,7 @@ def _ppl(model: nn.Module, seqs: Sequences, keep_logits: bool = False):
                                  reduction="sum").item()
         count += int((labels != IGNORE).sum())
         if keep_logits:
-            kept.append(logits[:, :-1].flatten(0, 1))
+            kept.append(logits[:, :-1].flatten(0, 1)[labels.flatten() != IGNORE])
     return math.exp(total / max(count, 1)), (torch.cat(kept) if keep_logits else None)
 
 

@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     if ckpt is not None:
         state = restore_checkpoint(ckpt, model, opt, sched)
         start_step = state["step"]
-        _truncate_metrics(out / "metrics.jsonl", start_step)
+        _truncate_metrics(out / "metrics.jsonl", start_step, final=start_step == cfg.steps)
         log(f"resumed from {ckpt} at step {start_step}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             loss_sum += loss.item() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                     else torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
+                     else torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None)))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm became {grad_norm.item()} at step {step}; stopped. "
                                    f"Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none'}")
@@ -374,14 +374,18 @@ def _tensorboard(run_dir: Path):
     return _writers[run_dir]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines a killed run logged after its last checkpoint, so a resumed log equals an uninterrupted one."""
+def _truncate_metrics(path: Path, step: int, final: bool = False) -> None:
+    """Drop lines a killed run logged after its last checkpoint, so a resumed log equals an uninterrupted one.
+
+    With `final` (the checkpoint is the run's last), the closing evaluation is dropped too: it is redone.
+    """
     if not path.is_file():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            row = json.loads(line)
+            if row["step"] < step or (row["step"] == step and not (final and "eval_ppl" in row)):
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill

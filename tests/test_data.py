@@ -150,3 +150,15 @@ def test_embedded_shakespeare(tmp_path):
     assert len(text) > 4_000_000 and "ROMEO:\n" in text and "**" not in text
     assert resolve_data("shakespeare", cache_dir=tmp_path) == path  # rendered once, then reused
     assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]
+
+
+def test_unpacked_text_file_still_uses_all_of_it(tok, text_file):
+    packed, _ = load_dataset(text_file, tok, 32, pack=True, eval_fraction=0.1)
+    unpacked, _ = load_dataset(text_file, tok, 32, pack=False, eval_fraction=0.1)
+    assert torch.equal(packed.input_ids, unpacked.input_ids)
+
+
+def test_rows_with_nothing_to_predict_are_dropped():
+    ex = [([1, 2, 3, 4], [1, IGNORE, IGNORE, IGNORE]), ([5, 6, 7, 8], [IGNORE, 6, IGNORE, IGNORE])]
+    seqs = build_sequences(ex, 4, pack=False, pad_id=0, eos_id=None)
+    assert seqs.input_ids.tolist() == [[5, 6, 7, 8]]  # the first row's only label sits at position 0

@@ -39,7 +39,7 @@ def unmerged(run_model, trained):
     return model.eval()
 
 
-@pytest.mark.parametrize("fmt,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+@pytest.mark.parametrize("fmt,tol", [("fp32", 1e-5), ("bf16", 2e-2), ("fp16", 3e-3)])
 def test_16bit_export_matches_the_unmerged_model(run_model, text_file, trained, tmp_path, fmt, tol):
     report = merge(mcfg(run_model, text_file, trained, tmp_path / "out", format=fmt), log=lambda s: None)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -50,6 +50,7 @@ def test_16bit_export_matches_the_unmerged_model(run_model, text_file, trained, 
     m = report["model_metrics"]
     assert m["ppl_unmerged"] < m["ppl_base"]
     assert abs(m["kept_gain"] - 1) < (1e-3 if fmt == "fp32" else 0.05)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[fmt]
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
@@ -166,3 +167,28 @@ def test_cli_merge(run_model, text_file, trained, tmp_path, capsys):
     assert "kept" in printed and "merged model written to" in printed
     assert main(args) == 2
     assert "already exists (use --force" in capsys.readouterr().err
+
+
+def test_partial_adapter_exported_in_another_format(run_model, text_file, tmp_path):
+    """Layers the adapter does not touch are converted to the export format too."""
+    train(qk.config.TrainConfig(model=str(run_model), data=str(text_file), out=str(tmp_path / "run"), steps=2,
+                                seq_len=32, quant="int8", targets="q_proj,v_proj", rank=4, sample_tokens=0,
+                                eval_sequences=4, eval_fraction=0.1, device="cpu"),
+          log=lambda s: None, progress=False)
+    merge(mcfg(run_model, text_file, tmp_path / "run" / "adapter", tmp_path / "out", format="nf4"),
+          log=lambda s: None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu", dtype=torch.float32)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=False).shape == (1, 4)
+
+
+def test_calibration_never_overlaps_evaluation(run_model, text_file, trained):
+    from transformers import AutoTokenizer
+
+    from qlora_kit.merge import _eval_and_calibration
+    tok = AutoTokenizer.from_pretrained(run_model)
+    for eval_sequences in (4, 8, 0):
+        ev, cal = _eval_and_calibration(mcfg(run_model, text_file, trained, "unused", eval_sequences=eval_sequences),
+                                        tok, log=lambda s: None)
+        rows = {tuple(r) for r in ev.input_ids.tolist()}
+        assert len(cal) > 0 and not any(tuple(r) in rows for r in cal.input_ids.tolist())
