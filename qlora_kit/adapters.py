@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import QuantConfig, pattern_lookup
+from .config import QuantConfig, one_line, pattern_lookup
 from .io import atomic_dir
 from .layers import QuantLinear
 from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_linear
@@ -143,7 +143,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"{weights}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+        raise ValueError(f"{weights}: not a readable safetensors file ({one_line(e)})") from None
     out = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
 
-from .config import TrainConfig  # noqa: E402
+from .config import TrainConfig, one_line  # noqa: E402
 
 
 def _flag(name: str) -> str:
@@ -68,7 +68,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"{path}: not valid YAML ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -134,6 +134,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .data import pad_id
+
     model, tok, device = _load_for_inference(args)
     prompt = args.prompt
     if args.chat:
@@ -141,9 +143,9 @@ def _generate(args: argparse.Namespace) -> None:
                                          add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat).input_ids.to(device)
     torch.manual_seed(args.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=args.temperature or None, pad_token_id=pad)
+                         do_sample=args.temperature > 0, temperature=args.temperature or None,
+                         pad_token_id=pad_id(tok))
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 

@@ -127,6 +127,11 @@ class LoRAConfig:
         return alpha / (r**0.5) if self.rslora else alpha / r
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message squeezed onto one line, for the one-line errors users see."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 def check_rank(r: object, what: str = "r") -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank {what}={r!r} must be an integer >= 1")

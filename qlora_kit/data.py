@@ -34,6 +34,9 @@ class Sequences:
         return {"input_ids": self.input_ids[index], "labels": self.labels[index],
                 "attention_mask": self.attention_mask[index]}
 
+    def rows(self, index: slice) -> Sequences:
+        return Sequences(**self.select(index))
+
     def trained_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
@@ -117,6 +120,14 @@ def _encode_long(tokenizer, text: str) -> list[int]:
     return out
 
 
+def pad_id(tokenizer) -> int:
+    """The padding token: the tokenizer's own, else its end-of-sequence token, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
 def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -195,8 +206,7 @@ def load_dataset(path: str | os.PathLike, tokenizer, seq_len: int, pack: bool = 
     records = read_records(path)
     if len(records) == 1 and "text" in records[0]:
         pack = True  # one long text: padding would keep only its first seq_len tokens
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    eos_id = tokenizer.eos_token_id
+    pad, eos_id = pad_id(tokenizer), tokenizer.eos_token_id
     examples = [tokenize(r, tokenizer, f"{path}:{i + 1}") for i, r in enumerate(records)]
     train_ex, eval_ex = examples, []
     if eval_path is not None:
@@ -213,8 +223,8 @@ def load_dataset(path: str | os.PathLike, tokenizer, seq_len: int, pack: bool = 
             raise ValueError(f"{path}: {len(examples)} records are too few to hold out {n_eval} for evaluation")
         train_ex = [examples[i] for i in order[:-n_eval]]
         eval_ex = [examples[i] for i in order[-n_eval:]]
-    train = build_sequences(train_ex, seq_len, pack, pad_id, eos_id, str(path))
-    held = build_sequences(eval_ex, seq_len, pack, pad_id, eos_id, f"{eval_path or path} (held out)") if eval_ex else None
+    train = build_sequences(train_ex, seq_len, pack, pad, eos_id, str(path))
+    held = build_sequences(eval_ex, seq_len, pack, pad, eos_id, f"{eval_path or path} (held out)") if eval_ex else None
     return train, held
 
 

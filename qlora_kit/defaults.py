@@ -47,6 +47,15 @@ def resolve_model(model: str | os.PathLike) -> Path:
     return default_model_file() if str(model) == DEFAULT_MODEL else Path(model)
 
 
+def model_folder(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder for --model: the embedded default or a .gguf file is converted once (cached)."""
+    path = resolve_model(model)
+    if path.suffix == ".gguf":
+        from .gguf import gguf_to_hf_dir
+        path = gguf_to_hf_dir(path, cache_dir=cache_dir)
+    return path
+
+
 def resolve_data(data: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """'shakespeare' means the embedded default text; anything else is a path."""
     return shakespeare_text(cache_dir) if str(data) == DEFAULT_DATA else Path(data)

@@ -22,12 +22,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         raise FileExistsError(f"{path}: already exists (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
+    umask = _umask()
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                os.chmod(f, 0o666 & ~_umask())
+                os.chmod(f, 0o666 & ~umask)
         _fsync_dir(tmp)
         if path.exists():
             # A folder cannot be replaced in one rename: move the old one aside first, so at every

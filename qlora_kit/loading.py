@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from .config import QuantConfig
+from .config import QuantConfig, one_line
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, output_head, set_submodule
 
@@ -63,7 +63,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
-        raise ValueError(f"{path / 'config.json'}: cannot read model config ({_one_line(e)})") from None
+        raise ValueError(f"{path / 'config.json'}: cannot read model config ({one_line(e)})") from None
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
     targets = set(linear_names(model))
@@ -102,7 +102,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+            raise ValueError(f"{index}: not a valid safetensors index ({one_line(e)})") from None
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
             if f.resolve().parent != path.resolve():
@@ -155,7 +155,7 @@ class _StreamingFill:
             try:
                 handle = safe_open(str(file), framework="pt", device="cpu")
             except Exception as e:
-                raise ValueError(f"{file}: not a readable safetensors file ({_one_line(e)})") from None
+                raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
             with handle as f:
                 for key in f.keys():
                     name = self._model_key(key)
@@ -166,7 +166,7 @@ class _StreamingFill:
                         tensor = f.get_tensor(key)
                     except Exception as e:
                         raise ValueError(f"{file}: tensor {key!r} cannot be read, the file may be truncated "
-                                         f"({_one_line(e)})") from None
+                                         f"({one_line(e)})") from None
                     self._place(file, key, name, tensor)
                     del tensor
         self._finish()
@@ -243,7 +243,3 @@ class _StreamingFill:
             for key, buf in module._buffers.items():
                 if buf is not None and buf.device != self.device:
                     module._buffers[key] = buf.to(self.device)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__

@@ -25,14 +25,16 @@ from torch import nn
 from . import defaults, formats
 from .adapters import BASE_QUANT, load_adapter, read_adapter
 from .config import QuantConfig, parse_dtype
-from .data import IGNORE, Sequences, load_dataset
+from .data import Sequences, load_dataset
 from .io import atomic_dir
 from .layers import QuantLinear
 from .loading import checkpoint_files, load_quantized
 from .patch import adapter_disabled, lora_layers
+from .train import load_tokenizer, score
 
 FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8")
 SHARD_BYTES = 2 * 2**30
+EVAL_BATCH = 4
 
 
 @dataclasses.dataclass
@@ -83,15 +85,10 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     Raises:
         ValueError, FileNotFoundError, FileExistsError: before any work, for bad input.
     """
-    from transformers import AutoTokenizer
-
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out}: already exists (use --force to replace it)")
-    src = defaults.resolve_model(cfg.model)
-    if src.suffix == ".gguf":
-        from .gguf import gguf_to_hf_dir
-        src = gguf_to_hf_dir(src, cache_dir=cfg.cache_dir)
+    src = defaults.model_folder(cfg.model, cfg.cache_dir)
     adapter_cfg, _ = read_adapter(cfg.adapter)
     trained = adapter_cfg.get(BASE_QUANT) or {"quant": "nf4", "blocksize": 64, "double_quant": True,
                                               "compute_dtype": "float32"}
@@ -104,13 +101,16 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     if cfg.quantized and any(m.fan_in_fan_out for m in layers.values()):
         raise ValueError(f"{src}: {cfg.format} export of transposed Conv1D layers (GPT-2 style) is not supported; "
                          "export bf16/fp16/fp32 instead")
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    tok = load_tokenizer(src)
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
     log(f"merging {len(layers)} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
         f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights")
 
     hessians = _input_hessians(model, layers, calib)
+    # The export's quantization: the trained one's block size and double quantization, in cfg.format.
+    export_q = dataclasses.replace(qcfg, quant=cfg.format if cfg.quantized else qcfg.quant,
+                                   compute_dtype=torch.float32)
     rows, new_packed = [], {}
     original = _SourceTensors(src, model) if cfg.onto == "original" else None
     for name, layer in layers.items():
@@ -122,13 +122,10 @@ def merge(cfg: MergeConfig, log=print) -> dict:
         if original:
             row["quant_err_rel"] = _ratio(w_q - base, base)
         if cfg.quantized:
-            packed, row["scales"] = _requantize(layer, merged, cfg.format, qcfg, method, hessians[name])
-            new_w = formats.dequantize(packed, cfg.format, (layer.out_features, layer.in_features),
-                                       qcfg.blocksize, torch.float32)
-            ref_packed = layer.packed() if cfg.format == qcfg.quant else formats.quantize(
-                base, dataclasses.replace(qcfg, quant=cfg.format, compute_dtype=torch.float32))
-            old_w = formats.dequantize(ref_packed, cfg.format, (layer.out_features, layer.in_features),
-                                       qcfg.blocksize, torch.float32)
+            packed, new_w, row["scales"] = _requantize(layer, merged, export_q, method, hessians[name])
+            # What the export would hold without the update: the trained weights, in the export's format.
+            old_w = w_q if cfg.format == qcfg.quant else _dequantize(formats.quantize(base, export_q), layer,
+                                                                     export_q)
             row.update(_retained(new_w - old_w, delta, hessians.pop(name)))
             row["codes_changed"] = _values_changed(new_w, old_w)
             new_packed[name] = packed
@@ -141,7 +138,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     report = {"format": cfg.format, "method": method, "onto": cfg.onto, "model": str(src), "adapter": str(cfg.adapter),
               "layers": rows}
     with atomic_dir(out) as tmp:
-        _write_export(model, src, tmp, cfg, qcfg, new_packed, tok)
+        _write_export(model, src, tmp, cfg, export_q, qcfg.compute_dtype, new_packed, tok)
         log(f"wrote the {cfg.format} export; evaluating it")
         report["model_metrics"] = _evaluate(model, tmp, cfg, eval_set)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -151,31 +148,36 @@ def merge(cfg: MergeConfig, log=print) -> dict:
 
 # ---- requantization ------------------------------------------------------------------------------
 
-def _requantize(layer: QuantLinear, merged: torch.Tensor, fmt: str, qcfg: QuantConfig, method: str,
-                hessian: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], str]:
-    """The packed export of one merged weight, and which scales it uses ('base', 'fresh')."""
-    shape = (layer.out_features, layer.in_features)
-    fresh = formats.quantize(merged, dataclasses.replace(qcfg, quant=fmt, compute_dtype=torch.float32))
+def _dequantize(packed: dict[str, torch.Tensor], layer: QuantLinear, q: QuantConfig) -> torch.Tensor:
+    return formats.dequantize(packed, q.quant, (layer.out_features, layer.in_features), q.blocksize, torch.float32)
+
+
+def _requantize(layer: QuantLinear, merged: torch.Tensor, q: QuantConfig, method: str,
+                hessian: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
+    """The packed export of one merged weight, its dequantized value, and which scales it uses."""
+    fmt, shape = q.quant, (layer.out_features, layer.in_features)
+    fresh = formats.quantize(merged, q)
     if method == "rtn":
-        return fresh, "fresh"
+        return fresh, _dequantize(fresh, layer, q), "fresh"
     # Two candidate grids: the base's own scales (a small update then moves only the codes it must)
     # and fresh scales from the merged weight (needed when the update is large enough to change a
     # block's range). Codes are chosen by error feedback on each; the lower output error wins.
     candidates = [("fresh", fresh)] + ([("base", layer.packed())] if fmt == layer.fmt else [])
     best = None
     for label, like in candidates:
-        scales = formats.block_scales(like, fmt, shape, qcfg.blocksize)
+        scales = formats.block_scales(like, fmt, shape, q.blocksize)
         if fmt == "int8":
             codes = gptq_codes(merged, hessian, _Int8Grid(scales))
             packed = formats.pack_int8_codes(codes, like)
         else:
-            grid = _FourBitGrid(formats.code_table(fmt).float(), scales, shape[1], qcfg.blocksize)
+            grid = _FourBitGrid(formats.code_table(fmt).float(), scales, shape[1], q.blocksize)
             packed = formats.pack_4bit_codes(gptq_codes(merged, hessian, grid), like)
-        diff = formats.dequantize(packed, fmt, shape, qcfg.blocksize, torch.float32).double() - merged.double()
+        value = _dequantize(packed, layer, q)
+        diff = value.double() - merged.double()
         err = float(((diff @ hessian.double()) * diff).sum())  # ||X (Q - W')^T||^2 on the calibration inputs
         if best is None or err < best[0]:
-            best = (err, packed, label)
-    return best[1], best[2]
+            best = (err, packed, value, label)
+    return best[1:]
 
 
 class _FourBitGrid:
@@ -297,8 +299,8 @@ class _SourceTensors:
         raise ValueError(f"{name}.weight is not in the source checkpoint")
 
 
-def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, qcfg: QuantConfig,
-                  merged: dict[str, object], tok) -> None:
+def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, export_q: QuantConfig,
+                  trained_dtype: torch.dtype, merged: dict[str, object], tok) -> None:
     """config.json (+ quantization_config), tokenizer files and safetensors shards with an index."""
     dense_dtype = parse_dtype(cfg.format) if not cfg.quantized else parse_dtype(cfg.dtype)
     shards, current, size = [], {}, 0
@@ -326,12 +328,11 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, q
                 value = module.dequantize(torch.float32).to(dense_dtype)
             elif value is None:
                 value = module.packed() if module.fmt == cfg.format else formats.quantize(
-                    module.dequantize(torch.float32), dataclasses.replace(qcfg, quant=cfg.format,
-                                                                          compute_dtype=torch.float32))
+                    module.dequantize(torch.float32), export_q)
             if isinstance(value, dict):
                 for k, t in formats.bnb_checkpoint_tensors(value, cfg.format,
                                                            (module.out_features, module.in_features),
-                                                           qcfg.blocksize, qcfg.compute_dtype).items():
+                                                           export_q.blocksize, trained_dtype).items():
                     add(f"{name}.{k}", t)
             else:
                 add(f"{name}.weight", value.t() if module.fan_in_fan_out else value)
@@ -360,7 +361,7 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, q
         four = cfg.format != "int8"
         config["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type=cfg.format if four else "nf4",
-            bnb_4bit_use_double_quant=qcfg.double_quant, bnb_4bit_compute_dtype=dense_dtype,
+            bnb_4bit_use_double_quant=export_q.double_quant, bnb_4bit_compute_dtype=dense_dtype,
             llm_int8_threshold=0.0 if not four else 6.0).to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(folder)  # the tokenizer and generation settings travel with the weights
@@ -379,19 +380,18 @@ def _eval_and_calibration(cfg: MergeConfig, tok, log) -> tuple[Sequences, Sequen
         raise ValueError(f"{path}: no held-out text to evaluate on")
     n_eval = min(cfg.eval_sequences, len(held)) if cfg.eval_sequences else len(held)
     n_cal = math.ceil(cfg.calib_tokens / cfg.seq_len)
-    pick = lambda s, r: Sequences(**s.select(r))  # noqa: E731
     if cfg.calib_data:
         calib, _ = load_dataset(cfg.calib_data, tok, cfg.seq_len, eval_fraction=0.0)
-        calib = pick(calib, slice(0, min(n_cal, len(calib))))
+        calib = calib.rows(slice(0, n_cal))
     elif len(held) - n_eval >= n_cal:
-        calib = pick(held, slice(n_eval, n_eval + n_cal))
+        calib = held.rows(slice(n_eval, n_eval + n_cal))
     else:
-        calib = pick(train_rows, slice(max(0, len(train_rows) - n_cal), len(train_rows)))
+        calib = train_rows.rows(slice(max(0, len(train_rows) - n_cal), len(train_rows)))
         log(f"calibration: the held-out slice has too few rows beyond the {n_eval} evaluation rows; "
             f"using the last {len(calib)} training rows")
     if len(calib) * cfg.seq_len < cfg.calib_tokens:
         log(f"calibration: only {len(calib) * cfg.seq_len} tokens available (asked for {cfg.calib_tokens})")
-    return pick(held, slice(0, n_eval)), calib
+    return held.rows(slice(0, n_eval)), calib
 
 
 @torch.no_grad()
@@ -399,33 +399,18 @@ def _evaluate(model: nn.Module, export: Path, cfg: MergeConfig, seqs: Sequences)
     """Perplexity of base, unmerged adapter and the export as plain transformers loads it; KL to unmerged."""
     from transformers import AutoModelForCausalLM
 
-    model.eval()
     with adapter_disabled(model):
-        ppl_base, _ = _ppl(model, seqs)
-    ppl_unmerged, logits_ref = _ppl(model, seqs, keep_logits=True)  # logits at the scored positions only
+        ppl_base, _ = score(model, seqs, EVAL_BATCH)
+    ppl_unmerged, logits_ref = score(model, seqs, EVAL_BATCH, keep_logits=True)  # at the scored positions
     kwargs = {"device_map": "cpu"} if cfg.quantized else {}
     exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs).eval()
-    ppl_merged, logits = _ppl(exported, seqs, keep_logits=True)
+    ppl_merged, logits = score(exported, seqs, EVAL_BATCH, keep_logits=True)
     del exported
     kl = F.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="batchmean")
     gain = ppl_base - ppl_unmerged
     return {"ppl_base": ppl_base, "ppl_unmerged": ppl_unmerged, "ppl_merged": ppl_merged,
             "kept_gain": (ppl_base - ppl_merged) / gain if abs(gain) > 1e-9 else None,
             "kl_merged_vs_unmerged": float(kl), "logits_rel_err": _ratio(logits - logits_ref, logits_ref)}
-
-
-def _ppl(model: nn.Module, seqs: Sequences, keep_logits: bool = False):
-    total, count, kept = 0.0, 0, []
-    for i in range(0, len(seqs), 4):
-        batch = seqs.select(slice(i, i + 4))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((labels != IGNORE).sum())
-        if keep_logits:
-            kept.append(logits[:, :-1].flatten(0, 1)[labels.flatten() != IGNORE])
-    return math.exp(total / max(count, 1)), (torch.cat(kept) if keep_logits else None)
 
 
 def format_report(report: dict) -> str:

@@ -28,8 +28,8 @@ from torch import nn
 
 from . import defaults
 from .adapters import load_adapter, write_adapter_files
-from .config import TrainConfig, parse_dtype
-from .data import IGNORE, Sequences, load_dataset, micro_batch
+from .config import TrainConfig, one_line, parse_dtype
+from .data import IGNORE, Sequences, load_dataset, micro_batch, pad_id
 from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
 from .loading import check_device, default_compute_dtype, load_quantized
@@ -57,21 +57,21 @@ class TrainResult:
 def load_model_and_tokenizer(model: str, quant: str = "nf4", compute_dtype: str = "auto", device: str = "cpu",
                              double_quant: bool = True, blocksize: int = 64, cache_dir: str | None = None):
     """Resolve the model (path, .gguf, or the embedded default), then load it quantized with its tokenizer."""
-    from transformers import AutoTokenizer
-
-    path = defaults.resolve_model(model)
-    if path.suffix == ".gguf":
-        from .gguf import gguf_to_hf_dir
-        path = gguf_to_hf_dir(path, cache_dir=cache_dir)
+    path = defaults.model_folder(model, cache_dir)
     dtype = default_compute_dtype(device) if compute_dtype == "auto" else parse_dtype(compute_dtype)
     net = load_quantized(path, quant=quant, compute_dtype=dtype, double_quant=double_quant, blocksize=blocksize,
                          device=device)
+    return net, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a model folder, or a one-line error."""
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())[:200]})"
-                         ) from None
-    return net, tok
+        raise ValueError(f"{path}: cannot load a tokenizer from the model folder ({one_line(e)})") from None
 
 
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
@@ -86,23 +86,30 @@ def resolve_device(device: str) -> str:
     return str(check_device(device))
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, seqs: Sequences, batch_size: int, limit: int = 0) -> float:
     """exp(mean next-token loss) over the labelled tokens of the first `limit` sequences (0: all)."""
+    return score(model, seqs, batch_size, limit)[0]
+
+
+@torch.no_grad()
+def score(model: nn.Module, seqs: Sequences, batch_size: int, limit: int = 0,
+          keep_logits: bool = False) -> tuple[float, torch.Tensor | None]:
+    """Perplexity as above, and with keep_logits the fp32 logits at the scored positions, (tokens, vocab)."""
     was_training = model.training
     model.eval()
     n = len(seqs) if limit <= 0 else min(limit, len(seqs))
-    total, count = 0.0, 0
+    total, count, kept = 0.0, 0, []
     device = next(model.parameters()).device
     for i in range(0, n, batch_size):
         batch = {k: v.to(device) for k, v in seqs.select(slice(i, min(i + batch_size, n))).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
+        logits, labels = logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten()
+        total += F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
         count += int((labels != IGNORE).sum())
+        if keep_logits:
+            kept.append(logits[labels != IGNORE].cpu())
     model.train(was_training)
-    return math.exp(total / max(count, 1))
+    return math.exp(total / max(count, 1)), (torch.cat(kept) if keep_logits else None)
 
 
 @torch.no_grad()
@@ -111,9 +118,8 @@ def sample(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, max_new_tokens
     was_training = model.training
     model.eval()
     ids = prompt_ids.to(next(model.parameters()).device)[None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
+                         do_sample=False, pad_token_id=pad_id(tokenizer))
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -246,7 +252,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         result.sample_after = sample(model, tok, prompt, cfg.sample_tokens)
         log(f"sample after training:\n  prompt: {tok.decode(prompt)!r}\n  reply:  {result.sample_after!r}")
     with atomic_dir(result.adapter) as tmp:
-        write_adapter_files(model, tmp, str(defaults.resolve_model(cfg.model)))
+        write_adapter_files(model, tmp, str(defaults.model_folder(cfg.model, cfg.cache_dir)))
     trainable, total = trainable_parameters(model)
     log(f"adapter ({trainable:,} trainable parameters) saved to {result.adapter}")
     return result
@@ -292,7 +298,7 @@ def restore_checkpoint(path: Path, model: nn.Module, opt, sched) -> dict:
         meta = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "trainer_state.safetensors"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: checkpoint cannot be read ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"{path}: checkpoint cannot be read ({one_line(e)})") from None
     load_adapter(model, path)
     opt.load_state_dict(_unflatten(meta["optimizer"], tensors))
     sched.load_state_dict(meta["scheduler"])
