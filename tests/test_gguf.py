@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -44,15 +43,13 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> tuple[Path, Path, float]:
+def converted(tmp_path_factory) -> tuple[Path, Path]:
     cache = tmp_path_factory.mktemp("cache")
-    start = time.perf_counter()
-    folder = gguf_to_hf_dir(GGUF, cache_dir=cache)
-    return folder, cache, time.perf_counter() - start
+    return gguf_to_hf_dir(GGUF, cache_dir=cache), cache
 
 
 def test_folder_layout(converted):
-    folder, cache, _ = converted
+    folder, cache = converted
     assert folder.parent == cache / "gguf"
     assert folder.name.startswith(GGUF.stem + "-")
     names = {p.name for p in folder.iterdir()}
@@ -64,7 +61,7 @@ def test_folder_layout(converted):
 
 
 def test_logits_match_transformers_gguf_load(converted):
-    folder, _, _ = converted
+    folder, _ = converted
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(SENTENCE, return_tensors="pt").input_ids
     ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -88,7 +85,7 @@ def test_logits_match_transformers_gguf_load(converted):
 
 
 def test_second_call_uses_cache(converted, monkeypatch):
-    folder, cache, _ = converted
+    folder, cache = converted
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
     def boom(*args, **kwargs):
@@ -106,7 +103,7 @@ def test_load_quantized_accepts_a_gguf_file(converted):
     """The streaming loader takes the .gguf path and quantizes the cached folder."""
     import qlora_kit as qk
 
-    folder, cache, _ = converted
+    folder, cache = converted
     model = qk.load_quantized(GGUF, quant="nf4", compute_dtype=torch.float32, cache_dir=cache)
     assert model.qlora_source["path"] == str(folder)
     assert isinstance(model.model.layers[0].self_attn.q_proj, qk.QuantLinear)
