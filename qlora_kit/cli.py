@@ -1,4 +1,4 @@
-"""The `qlora-kit` command: train, eval, generate, smoke.
+"""The `qlora-kit` command: train, eval, generate, merge, memory, smoke.
 
 `train`'s flags are generated from TrainConfig's fields (one flag per field, its help from the
 field), so the CLI, the YAML config and the Python API can never disagree.
@@ -160,6 +160,56 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {cfg.out} (report: {Path(cfg.out) / 'merge_report.json'})")
 
 
+def _memory(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from . import memory
+
+    cfg = config_from_args(args)
+    if args.device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device {args.device!r}: use cuda, cpu or auto")
+    if args.measure:
+        measure_device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        if args.device == "cuda" and measure_device == "cpu":
+            raise ValueError("--measure --device cuda asked for, but torch sees no CUDA GPU")
+        device = measure_device
+    else:
+        device = "cpu" if args.device == "cpu" else "cuda"
+    config = memory.read_model_config(cfg.model, cfg.cache_dir)
+    out: dict = {}
+    if args.sweep:
+        axes = memory.parse_sweep(args.sweep)
+        rows = memory.sweep(cfg, axes, device, args.measure, log=(lambda _: None) if args.json else print)
+        memory.write_csv(rows, args.csv)
+        if args.plot:
+            memory.write_plot(rows, axes, args.plot)
+        out = {"sweep": rows, "csv": args.csv, "plot": args.plot}
+        if not args.json:
+            print(f"{len(rows)} rows written to {args.csv}" + (f", plot to {args.plot}" if args.plot else ""))
+    elif args.fit:
+        what = args.fit_for.replace("-", "_")
+        reserve = memory.parse_size(args.reserve) if args.reserve else None
+        res = memory.fit(cfg, memory.parse_size(args.fit), device, what, reserve, config)
+        out = {"fit": {"what": res.what, "budget": res.budget, "reserve": res.reserve, "best": res.best,
+                       "alternatives": res.alternatives},
+               "estimate": res.report.to_json() if res.report else None}
+        if not args.json:
+            print(memory.format_fit(res))
+    else:
+        est = memory.estimate(cfg, device, config)
+        meas = None
+        if args.measure:
+            memory.check_measurable(est)
+            meas = memory.measure(cfg, device, steps=args.steps, config=config)
+        out = {"estimate": est.to_json(), "measured": meas.to_json() if meas else None}
+        if not args.json:
+            print(memory.format_report(est, meas))
+    if args.json:
+        print(json.dumps(out, indent=2))
+
+
 def _smoke(args: argparse.Namespace) -> None:
     """Load a model quantized, add LoRA, take a few steps, save the adapter and load it back."""
     import torch
@@ -272,6 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace an existing --out")
     m.add_argument("--cache-dir", default=None, help="cache for converted models and data")
     m.set_defaults(func=_merge)
+
+    from .memory import MEMORY_FIELDS
+
+    mem = sub.add_parser("memory", help="estimate (from config.json alone), measure, or fit training memory",
+                         description="Peak training memory, by component: estimated from the model's config.json "
+                                     "(no weights needed), measured on real steps with --measure, the largest "
+                                     "sequence length or batch for a budget with --fit, or a sweep to CSV/PNG.")
+    mem.add_argument("--model", default="smollm2-135m",
+                     help="a config.json, a model folder, a .gguf, or 'smollm2-135m' (default)")
+    mem.add_argument("--config", default=None, help="a training YAML (its memory-relevant settings are used)")
+    mem.add_argument("--device", default="auto",
+                     help="what to plan for: cuda or cpu (default: cuda; with --measure, the device measured on)")
+    add_dataclass_flags(mem, only=set(MEMORY_FIELDS))
+    mem.add_argument("--measure", action="store_true", help="also run real training steps (random weights) and "
+                                                            "show the measured peak next to the estimate")
+    mem.add_argument("--steps", type=int, default=2, help="optimizer steps measured (default 2)")
+    mem.add_argument("--fit", default=None, metavar="SIZE",
+                     help="a memory budget like 24GiB: print the largest --fit-for value that fits")
+    mem.add_argument("--fit-for", default="seq-len", choices=["seq-len", "batch-size"], help="what --fit searches")
+    mem.add_argument("--reserve", default=None, metavar="SIZE",
+                     help="memory the budget cannot give to tensors (default 1GiB on cuda: CUDA context and "
+                          "fragmentation; 0 on cpu)")
+    mem.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                     help="sweep a setting (rank, seq-len, batch-size, quant, optimizer, gradient-checkpointing, "
+                          "double-quant); repeat for a grid")
+    mem.add_argument("--csv", default="memory_sweep.csv", help="where --sweep writes its rows")
+    mem.add_argument("--plot", default=None, metavar="PNG", help="--sweep also draws estimate (and measurement) "
+                                                                 "to this PNG (needs matplotlib)")
+    mem.add_argument("--json", action="store_true", help="print JSON instead of text")
+    mem.set_defaults(func=_memory)
 
     s = sub.add_parser("smoke", help="load quantized, add LoRA, train a few steps, save and reload the adapter",
                        formatter_class=fmt)

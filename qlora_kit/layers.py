@@ -30,7 +30,7 @@ class _FrozenBaseMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
         ctx.layer = layer  # a reference to the module: its packed buffers, nothing dense
         ctx.versions = layer.packed_versions()
-        if layer.fmt == "int8" and layer.int8_threshold > 0:
+        if layer.fmt == "int8" and layer.int8_threshold > 0 and not layer.weight.is_meta:
             return formats.int8_mixed_matmul(x, layer.packed(), layer.int8_threshold, layer.compute_dtype)
         return x @ layer.dequantize().t()  # (..., in) @ (in, out) -> (..., out)
 
@@ -103,6 +103,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense (out, in) base weight this layer computes with."""
+        if self.weight.is_meta:  # a memory estimate: shapes only
+            return torch.empty(self.out_features, self.in_features, dtype=dtype or self.compute_dtype, device="meta")
         return formats.dequantize(self.packed(), self.fmt, (self.out_features, self.in_features),
                                   self.blocksize, dtype or self.compute_dtype)
 

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -64,8 +64,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
         raise ValueError(f"{path / 'config.json'}: cannot read model config ({one_line(e)})") from None
-    with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
+    model = _skeleton(config, cfg)
     targets = set(linear_names(model))
     if skip:
         targets = {n for n in targets if not any(n == s or n.endswith("." + s) for s in skip)}
@@ -74,6 +73,36 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     model.qlora_quant_config = cfg
     model.qlora_source = {"path": str(path), "fingerprint": fingerprint(model)}
     return model
+
+
+def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Iterable[tuple[str, torch.Tensor]]],
+                      cfg: QuantConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model of `config` quantized like load_quantized, its tensors from `tensors(expected)`.
+
+    `tensors` gets the skeleton's state dict (names -> meta tensors of the right shape and dtype) and
+    yields (name, tensor) pairs, one at a time; e.g. random values for a memory measurement.
+    """
+    device = check_device(device)
+    model = _skeleton(config, cfg)
+    fill = _StreamingFill(model, set(linear_names(model)), cfg, device)
+    seen: set[int] = set()
+    expected = {}
+    for name, t in fill.expected.items():  # a tied weight is one tensor under two names: fill it once
+        if id(t) not in seen:
+            seen.add(id(t))
+            expected[name] = t
+    for name, tensor in tensors(expected):
+        fill._place(Path("<generated>"), name, name, tensor)
+    fill._finish()
+    model.eval()
+    model.qlora_quant_config = cfg
+    model.qlora_source = {"path": None, "fingerprint": fingerprint(model)}
+    return model
+
+
+def _skeleton(config, cfg: QuantConfig) -> nn.Module:
+    with _params_on_meta():
+        return AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
 
 
 def check_device(device: str | torch.device) -> torch.device:

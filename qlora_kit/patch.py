@@ -122,6 +122,16 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float 
     return model
 
 
+def enable_checkpointing(model: nn.Module, **kwargs) -> None:
+    """transformers' non-reentrant activation checkpointing of every decoder layer (kwargs: for checkpoint())."""
+    kwargs = {"use_reentrant": False, **kwargs}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def lora_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
 

@@ -33,7 +33,7 @@ from .data import IGNORE, Sequences, load_dataset, micro_batch, pad_id
 from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
 from .loading import check_device, default_compute_dtype, load_quantized
-from .patch import add_lora, lora_layers, parameter_report, trainable_parameters
+from .patch import add_lora, enable_checkpointing, lora_layers, parameter_report, trainable_parameters
 
 # Settings that may differ between a run and its resume without changing the result.
 RESUME_FREE = {"resume", "out", "device", "cache_dir", "save_every", "keep_checkpoints", "eval_every",
@@ -169,8 +169,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     random.seed(cfg.seed)
     add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.target_spec(), rslora=cfg.rslora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

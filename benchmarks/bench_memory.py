@@ -1,0 +1,265 @@
+"""Peak training memory of qlora-kit against PEFT + bitsandbytes + transformers, next to qlora-kit's estimate.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_memory.py                                   # quickstart model, CPU
+    .venv/bin/python benchmarks/bench_memory.py --sweep seq-len=128,512 --json bench_memory.json
+    python benchmarks/bench_memory.py --device cuda --model examples/configs/llama-3.2-1b.json \\
+        --sweep seq-len=1024,2048,4096 --sweep gradient-checkpointing=false,true
+
+Both sides train the same thing at every sweep point: the same model folder (default: the embedded
+SmolLM2-135M; a config.json gets random weights written once, values do not change memory), LoRA on every
+linear layer but the output head, the same rank, alpha and dropout, the same optimizer (qlora_kit.formats.
+make_optimizer: torch AdamW or bitsandbytes' 8-bit AdamW), the same base format (nf4/fp4 with double
+quantization, block 64; or int8) and compute dtype, random token batches of the same shape, the same
+transformers checkpointing, bf16 autocast on CUDA:
+
+  qlora-kit  qlora_kit.load_quantized + qlora_kit.add_lora
+  peft       AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(...)) +
+             peft.get_peft_model(LoraConfig(target_modules="all-linear", ...))
+
+Each side runs in its own fresh process (qlora-kit first, then PEFT, at each point) and takes --steps
+optimizer steps. Memory is counted the same way on both sides:
+
+  * CUDA: torch.cuda.max_memory_allocated over the steps (weights included), the figure to compare;
+  * CPU: the peak of live tensor bytes (qlora_kit.memory.LiveTensors: every tensor an operator returns,
+    until its storage is freed), split into weights / LoRA / optimizer / activations / logits & loss /
+    backward temporaries the same way for both sides; the process's peak RSS is printed alongside.
+
+The estimate column is `qlora-kit memory` for the same settings (from config.json alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import machine
+
+SIDES = ("qlora-kit", "peft")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a model folder, a config.json (random weights), or the embedded 'smollm2-135m' (default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="compute dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="as `qlora-kit memory --sweep` (default: seq-len=128,512 and gradient-checkpointing=false,true)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per worker")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a JSON job for one side
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if not args.sweep:
+        args.sweep = ["seq-len=128,512", "gradient-checkpointing=false,true"]
+    return args
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    import qlora_kit
+
+    return {"qlora_kit": qlora_kit.__version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
+# ---- worker: one side, one point, one fresh process --------------------------------------------------
+
+def _peft_static(model, tracker) -> None:
+    """File PEFT + bitsandbytes tensors: packed weights and their quant states, LoRA, the rest."""
+    import bitsandbytes as bnb
+
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if "lora_" in name:
+            tracker.add(t, "LoRA parameters")
+        elif isinstance(t, bnb.nn.Params4bit | bnb.nn.Int8Params):
+            tracker.add(t, "quantized weights")
+            state = getattr(t, "quant_state", None)
+            for x in ([state.absmax, state.code, state.offset] if state is not None else []) + (
+                    [state.state2.absmax, state.state2.code] if state is not None and state.nested else []):
+                if isinstance(x, torch.Tensor):
+                    tracker.add(x, "quantized weights")
+        else:
+            tracker.add(t, "unquantized weights")
+    for module in model.modules():  # int8 row scales live on the module
+        scb = getattr(getattr(module, "weight", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            tracker.add(scb, "quantized weights")
+
+
+def worker(job: dict) -> dict:
+    from qlora_kit import memory
+    from qlora_kit.config import TrainConfig, parse_dtype
+    from qlora_kit.patch import enable_checkpointing
+
+    cfg = TrainConfig(**job["cfg"])
+    device, dtype = job["device"], parse_dtype(job["dtype"])
+    torch.manual_seed(job["seed"])
+    if job["side"] == "qlora-kit":
+        import qlora_kit
+
+        model = qlora_kit.load_quantized(job["folder"], quant=cfg.quant, compute_dtype=dtype, device=device)
+        qlora_kit.add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets="all-linear")
+        kw = {}
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        if cfg.quant == "int8":
+            qcfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+        else:
+            qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant,
+                                      bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(job["folder"], quantization_config=qcfg, device_map=device,
+                                                     dtype=dtype, local_files_only=True)
+        model.enable_input_require_grads()  # as qlora-kit's add_lora does
+        model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model.get_base_model())
+            cfg = dataclasses.replace(cfg, gradient_checkpointing=False)  # done here, on the wrapped model
+        kw = dict(params=[p for p in model.parameters() if p.requires_grad], register_static=_peft_static,
+                  compute_dtype=dtype)
+    tracker = memory.LiveTensors()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    memory.run_steps(model, cfg, tracker, device, steps=job["steps"], **kw)
+    out = {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        out["allocator_peak"] = torch.cuda.max_memory_allocated()
+    out["total"] = out.get("allocator_peak", tracker.peak)
+    return out
+
+
+def run_worker(job: dict, tmp: Path) -> dict:
+    path = tmp / f"{job['side']}.json"
+    path.unlink(missing_ok=True)
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps({**job, "out": str(path)})],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not path.is_file():
+        sys.exit(f"the {job['side']} worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    return json.loads(path.read_text())
+
+
+# ---- parent ------------------------------------------------------------------------------------------
+
+def model_folder(model: str, dtype: torch.dtype, tmp: Path) -> tuple[Path, str]:
+    """A folder with weights for both sides: the model's own, or random ones written for a config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_kit.defaults import model_folder as resolve
+
+    path = Path(model)
+    if str(model) == "smollm2-135m" or path.suffix == ".gguf":
+        return resolve(model), "weights of the model"
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return path, "weights of the model"
+    config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
+    torch.manual_seed(0)
+    folder = tmp / "random-model"
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
+    return folder, "random weights"
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        Path(job["out"]).write_text(json.dumps(worker(job)))
+        return
+
+    from qlora_kit import memory
+    from qlora_kit.config import TrainConfig, parse_dtype
+
+    device = torch.device(args.device)
+    host, vers = machine(device), versions()
+    print(f"machine: {host}")
+    print(", ".join(f"{k} {v}" for k, v in vers.items()))
+    base = TrainConfig(model=args.model, quant=args.quant, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                       seq_len=args.seq_len, batch_size=args.batch_size, optimizer=args.optimizer,
+                       gradient_checkpointing=args.gradient_checkpointing, compute_dtype=args.dtype)
+    axes = memory.parse_sweep(args.sweep)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
+        folder, source = model_folder(args.model, parse_dtype(args.dtype), Path(tmp))
+        print(f"model {args.model} ({source}: {folder}); {args.quant}, {args.dtype} compute on {device}, LoRA "
+              f"all-linear r={args.rank} dropout {args.dropout}, {args.optimizer}, {args.steps} steps per worker")
+        print()
+        for values in itertools.product(*axes.values()):
+            point = dict(zip(axes, values, strict=True))
+            cfg = dataclasses.replace(base, **point)
+            est = memory.estimate(dataclasses.replace(cfg, model=str(folder)), args.device, compare=False)
+            row = {"point": point, "estimate": est.total, "estimate_components": est.components}
+            for side in SIDES:
+                job = {"side": side, "cfg": dataclasses.asdict(cfg), "folder": str(folder), "device": args.device,
+                       "dtype": args.dtype, "steps": args.steps, "seed": args.seed}
+                row[side] = run_worker(job, Path(tmp))
+            row["ratio"] = row["qlora-kit"]["total"] / row["peft"]["total"]
+            results.append(row)
+            label = ", ".join(f"{k}={v}" for k, v in point.items())
+            print(f"{label}: qlora-kit {mib(row['qlora-kit']['total'])} MiB, PEFT {mib(row['peft']['total'])} MiB "
+                  f"({row['ratio']:.2f}x), estimate {mib(est.total)} MiB "
+                  f"({100 * (est.total / row['qlora-kit']['total'] - 1):+.1f}% of qlora-kit's measured)", flush=True)
+
+    what = "peak allocated (torch.cuda.max_memory_allocated)" if device.type == "cuda" else "peak live tensors"
+    print(f"\nMiB, {what}; process peak RSS in brackets" if device.type == "cpu" else f"\nMiB, {what}")
+    cats = [c for c in memory.CATEGORIES if any(r[s]["components"].get(c) for r in results for s in SIDES)]
+    header = ["point", "side", "total", *cats] + (["RSS"] if device.type == "cpu" else [])
+    lines = [header]
+    for r in results:
+        label = ",".join(f"{k}={v}" for k, v in r["point"].items())
+        for side in SIDES:
+            s = r[side]
+            lines.append([label, side, mib(s["total"]), *(mib(s["components"].get(c, 0)) for c in cats)]
+                         + ([f"[{mib(s['rss_peak'])}]"] if device.type == "cpu" else []))
+        lines.append([label, "estimate", mib(r["estimate"]), *(mib(r["estimate_components"].get(c, 0)) for c in cats)]
+                     + ([""] if device.type == "cpu" else []))
+    widths = [max(len(str(x[i])) for x in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print("  ".join(str(c).ljust(w) if j < 2 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths,
+                                                                                                       strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    ratios = [r["ratio"] for r in results]
+    print(f"\nqlora-kit / PEFT peak: {min(ratios):.2f}x .. {max(ratios):.2f}x (below 1: qlora-kit smaller)")
+    if args.json:
+        meta = dict(machine=host, versions=vers, args={k: v for k, v in vars(args).items() if k != "worker"})
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

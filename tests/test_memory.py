@@ -1,0 +1,315 @@
+"""Memory: the arithmetic of the static parts against real tensors, the estimate against measured steps,
+fitting a budget, sweeps, and bad configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import qlora_kit as qk
+from qlora_kit import memory
+from qlora_kit.cli import main
+from qlora_kit.config import QuantConfig, TrainConfig
+from qlora_kit.formats import make_optimizer, quantize
+from qlora_kit.layers import QuantLinear
+
+from .conftest import tiny_config
+
+LLAMA3_8B = Path(__file__).parent.parent / "examples" / "configs" / "llama-3-8b.json"
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a shared or tied tensor counts once)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def small_dirs(tmp_path_factory):
+    """config.json-only folders of small models (no weights: the estimate needs none)."""
+    out = {}
+    for arch in ("llama", "gpt2", "phi3", "qwen2"):
+        d = tmp_path_factory.mktemp(f"cfg-{arch}")
+        sizes = {} if arch == "gpt2" else dict(hidden_size=128, intermediate_size=256)
+        tiny_config(arch, vocab_size=1000, max_position_embeddings=512, **sizes).save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+# ---- the counter itself ---------------------------------------------------------------------------
+
+def test_live_tensor_count_follows_allocations_views_and_frees():
+    tr = memory.LiveTensors()
+    with tr:
+        a = torch.ones(1000)  # 4000 B
+        v = a[10:20].view(2, 5)  # a view: no new storage
+        b = torch.zeros(500, dtype=torch.float64)  # 4000 B
+        assert tr.current == 8000
+        del a  # the view keeps a's storage alive
+        assert tr.current == 8000
+        del v
+        assert tr.current == 4000
+        c = b * 2  # a new 4000 B tensor
+        tr.phase = "logits & loss"
+        d = torch.empty(250, dtype=torch.int8)  # 250 B in another category
+        assert tr.by_category == {**dict.fromkeys(memory.CATEGORIES, 0), "activations": 8000, "logits & loss": 250}
+        del b, c, d
+    assert tr.current == 0 and tr.peak == 8250
+    assert tr.at_peak["activations"] == 8000 and tr.at_peak["logits & loss"] == 250
+    w = torch.ones(10)
+    tr.add(w, "LoRA parameters")
+    tr.add(w, "LoRA gradients")  # counted once, re-filed
+    assert tr.by_category["LoRA gradients"] == 40 and tr.by_category["LoRA parameters"] == 0 and tr.current == 40
+
+
+# ---- the arithmetic of the static parts -----------------------------------------------------------
+
+@pytest.mark.parametrize("quant,double_quant,blocksize", [
+    ("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 128), ("nf4", True, 4096), ("int8", True, 64),
+    ("none", True, 64)])
+@pytest.mark.parametrize("shape", [(256, 128), (96, 160), (4096, 64)])
+def test_packed_layout_is_what_quantize_makes(quant, double_quant, blocksize, shape):
+    cfg = QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, compute_dtype=torch.bfloat16)
+    if quant in ("nf4", "fp4") and shape[0] * shape[1] % blocksize:
+        pytest.skip("does not split into blocks")
+    packed = quantize(torch.randn(shape), cfg)
+    layout = memory.packed_layout(*shape, cfg)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in packed.items()} == layout
+
+
+def test_bytes_per_weight_is_the_qlora_arithmetic():
+    nf4 = QuantConfig(quant="nf4", double_quant=True, blocksize=64)
+    assert memory.bytes_per_weight(nf4) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))  # 0.5159
+    assert memory.bytes_per_weight(QuantConfig(quant="nf4", double_quant=False)) == pytest.approx(0.5625)
+    w = torch.randn(1024, 1024)
+    tables = 4 * (16 + 256 + 1)  # code table, level-2 code table, offset: per layer, whatever its size
+    assert storage_bytes(quantize(w, nf4).values()) == memory.bytes_per_weight(nf4) * w.numel() + tables
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "qwen2"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_static_components_match_a_loaded_model(model_dirs, arch, quant):
+    """Quantized weights, unquantized weights and LoRA parameters of the estimate equal the exact byte
+    counts of the model load_quantized + add_lora build from the same folder."""
+    cfg = TrainConfig(model=str(model_dirs[arch]), quant=quant, rank=8, seq_len=16, batch_size=1)
+    est = memory.estimate(cfg, "cpu", compare=False)
+    model = qk.load_quantized(model_dirs[arch], quant=quant, compute_dtype=torch.float32)
+    qk.add_lora(model, r=8)
+    packed = [t for m in model.modules() if isinstance(m, QuantLinear) for t in m.packed().values()]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    packed_ids = {t.untyped_storage()._cdata for t in packed}
+    other = [t for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if "lora_" not in n and t.untyped_storage()._cdata not in packed_ids]
+    assert est.components["quantized weights"] == storage_bytes(packed)
+    assert est.components["LoRA parameters"] == storage_bytes(lora)
+    assert est.components["unquantized weights"] == storage_bytes(other)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "paged_adamw8bit"])
+def test_optimizer_state_formula_matches_the_optimizers(name):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(16, 300), (64, 16), (4096, 8), (8, 8), (1, 4096)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make_optimizer(name, params, 1e-3)
+    opt.step()
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert storage_bytes(state) == memory.optimizer_state_bytes([p.numel() for p in params], name)
+
+
+def test_llama3_8b_weights_are_the_arithmetic():
+    """nf4 + double quant: ~0.516 bytes per quantized value, plus 16-bit embeddings and head."""
+    cfg = TrainConfig(model=str(LLAMA3_8B), seq_len=64, batch_size=1)
+    est = memory.estimate(cfg, "cuda", compare=False)
+    h, inter, layers, vocab, kv = 4096, 14336, 32, 128256, 1024
+    per_layer = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]  # q k v o gate up down
+    quantized = layers * sum(o * i for o, i in per_layer)
+    assert est.model["quantized_params"] == quantized == 6_979_321_856
+    per_weight = est.components["quantized weights"] / quantized
+    assert 0.515 < per_weight < 0.517
+    blocks = [o * i // 64 for o, i in per_layer]
+    exact = layers * sum(o * i // 2 + b + 4 * math.ceil(b / 256) + 4 * (16 + 256 + 1)
+                         for (o, i), b in zip(per_layer, blocks, strict=True))
+    assert est.components["quantized weights"] == exact
+    embed_and_head = 2 * vocab * h * 2  # untied, bf16
+    norms = (2 * layers + 1) * h * 2
+    rotary = 64 * 4  # inv_freq (head_dim / 2, fp32), and transformers keeps a copy as original_inv_freq
+    assert est.components["unquantized weights"] in (embed_and_head + norms + rotary, embed_and_head + norms + 2 * rotary)
+    lora = layers * 16 * sum(o + i for o, i in per_layer)
+    assert est.components["LoRA parameters"] == 4 * lora
+    assert est.components["optimizer state"] == 8 * lora + 4 * 7 * layers * 2
+
+
+# ---- estimate against measurement ------------------------------------------------------------------
+
+SWEEP = {
+    "llama": {"rank": [8, 64], "seq_len": [32, 256], "gradient_checkpointing": [False, True]},
+    "gpt2": {"seq_len": [64, 256], "quant": ["nf4", "int8"], "optimizer": ["adamw", "adamw8bit"]},
+    "phi3": {"batch_size": [1, 4], "quant": ["fp4", "none"], "gradient_checkpointing": [False, True]},
+    "qwen2": {"rank": [4, 32], "seq_len": [16, 128], "optimizer": ["paged_adamw8bit"], "double_quant": [True, False]},
+}
+
+
+@pytest.mark.parametrize("arch", list(SWEEP))
+def test_measured_peak_is_within_15_percent_of_the_estimate_across_a_sweep(small_dirs, arch, tmp_path):
+    cfg = TrainConfig(model=str(small_dirs[arch]), batch_size=2, seq_len=64)
+    rows = memory.sweep(cfg, SWEEP[arch], "cpu", do_measure=True, log=lambda _: None)
+    assert len(rows) == math.prod(len(v) for v in SWEEP[arch].values())
+    for row in rows:
+        assert abs(row["error"]) < 0.15, row
+        assert row["est_total"] == sum(v for k, v in row.items() if k.startswith("est_") and k != "est_total")
+    memory.write_csv(rows, tmp_path / "sweep.csv")
+    with open(tmp_path / "sweep.csv") as f:
+        back = list(csv.DictReader(f))
+    assert len(back) == len(rows) and int(back[0]["est_total"]) == rows[0]["est_total"]
+
+
+def test_measurement_separates_the_components(small_dirs):
+    """Measured static parts equal the estimate's; checkpointing shrinks what the forward keeps."""
+    plain = TrainConfig(model=str(small_dirs["llama"]), seq_len=128, batch_size=2)
+    ckpt = TrainConfig(model=str(small_dirs["llama"]), seq_len=128, batch_size=2, gradient_checkpointing=True)
+    est, meas = memory.estimate(plain, "cpu"), memory.measure(plain, "cpu")
+    for cat in (*memory.STATIC, "optimizer state"):
+        assert meas.components[cat] == est.components[cat] > 0, cat
+    assert meas.sizes["activations saved by the forward"] > 5 * memory.measure(ckpt, "cpu").sizes[
+        "activations saved by the forward"]
+    assert est.sizes["activations saved by the forward with checkpointing"] < est.sizes[
+        "activations saved by the forward"]
+    assert meas.components["logits & loss"] >= 2 * 128 * 1000 * 4  # at least the logits and their log-softmax
+    text = memory.format_report(est, meas)
+    assert "quantized weights" in text and "measured" in text and "peak" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_measurement_within_10_percent(small_dirs):
+    for gc in (False, True):
+        cfg = TrainConfig(model=str(small_dirs["llama"]), seq_len=512, batch_size=4, gradient_checkpointing=gc)
+        est, meas = memory.estimate(cfg, "cuda", compare=False), memory.measure(cfg, "cuda")
+        assert abs(est.total / meas.total - 1) < 0.10, (est.total, meas.total)
+
+
+# ---- fit -------------------------------------------------------------------------------------------
+
+def test_fit_finds_the_largest_sequence_length(small_dirs):
+    cfg = TrainConfig(model=str(small_dirs["llama"]), batch_size=2)
+    budget = memory.estimate(TrainConfig(model=cfg.model, batch_size=2, seq_len=300), "cpu", compare=False).total
+    res = memory.fit(cfg, budget, "cpu")
+    assert res.best == 256  # multiples of 64: 300 fits, 320 does not
+    assert res.report.total <= budget
+    nxt = memory.estimate(TrainConfig(model=cfg.model, batch_size=2, seq_len=320), "cpu", compare=False).total
+    assert nxt > budget
+    assert res.alternatives and res.alternatives[0]["switch"] == "gradient checkpointing"
+    assert res.alternatives[0]["best"] > 256
+    assert "largest sequence length" in memory.format_fit(res)
+
+
+def test_fit_batch_size_and_what_to_switch_on_when_nothing_fits(small_dirs):
+    cfg = TrainConfig(model=str(small_dirs["llama"]), seq_len=256)
+    one = memory.estimate(TrainConfig(model=cfg.model, seq_len=256, batch_size=3), "cpu", compare=False).total
+    assert memory.fit(cfg, one, "cpu", what="batch_size").best == 3
+    ckpt = memory.estimate(TrainConfig(model=cfg.model, seq_len=512, batch_size=1, gradient_checkpointing=True),
+                           "cpu", compare=False).total
+    plain = memory.estimate(TrainConfig(model=cfg.model, seq_len=512, batch_size=1), "cpu", compare=False).total
+    assert ckpt < plain
+    res = memory.fit(TrainConfig(model=cfg.model, seq_len=512), (ckpt + plain) // 2, "cpu", what="batch_size")
+    assert res.best is None
+    switches = [a["switch"] for a in res.alternatives]
+    assert "gradient checkpointing" in switches
+    assert "nothing fits" in memory.format_fit(res) and "with gradient checkpointing" in memory.format_fit(res)
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("24GB", 24 * 10**9), ("512MiB", 2**29),
+                                        ("80G", 80 * 2**30), ("1000", 1000), ("1.5GiB", 3 * 2**29)])
+def test_parse_size(text, value):
+    assert memory.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "24XB", "-1GiB", "0", ""])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="memory size"):
+        memory.parse_size(text)
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+def test_cli_estimate_measure_json(small_dirs, capsys):
+    config = small_dirs["llama"] / "config.json"
+    assert main(["memory", "--model", str(config), "--seq-len", "64", "--batch-size", "2", "--device", "cpu",
+                 "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    est, meas = out["estimate"], out["measured"]
+    assert est["method"] == "estimate" and meas["method"] == "measured" and meas["device"] == "cpu"
+    assert abs(est["total"] / meas["total"] - 1) < 0.15
+    assert set(est["components"]) == set(memory.CATEGORIES)
+
+
+def test_cli_fit_and_sweep(small_dirs, tmp_path, capsys):
+    d = str(small_dirs["gpt2"])
+    assert main(["memory", "--model", d, "--device", "cpu", "--fit", "40MiB", "--batch-size", "2"]) == 0
+    assert "largest sequence length that fits in 40.00 MiB" in capsys.readouterr().out
+    csv_path, png = tmp_path / "s.csv", tmp_path / "s.png"
+    assert main(["memory", "--model", d, "--device", "cpu", "--sweep", "rank=4,8", "--sweep", "seq-len=32,64",
+                 "--measure", "--csv", str(csv_path), "--plot", str(png)]) == 0
+    assert "4 rows written" in capsys.readouterr().out
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["rank"], r["seq_len"]) for r in rows] == [("4", "32"), ("4", "64"), ("8", "32"), ("8", "64")]
+    assert all(abs(float(r["error"])) < 0.15 for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write(tmp_path, obj) -> Path:
+    p = tmp_path / "config.json"
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+GOOD = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": None}, "no 'model_type' field"),
+    ({"model_type": "llamaish"}, "unknown architecture model_type 'llamaish'"),
+    ({"model_type": "vit"}, "not a causal language model"),
+    ({"hidden_size": None}, "missing field 'hidden_size'"),
+    ({"num_hidden_layers": None}, "missing field 'num_hidden_layers'"),
+    ({"hidden_size": 0}, "field 'hidden_size' is 0"),
+    ({"num_attention_heads": -4}, "field 'num_attention_heads' is -4"),
+    ({"vocab_size": 0}, "field 'vocab_size' is 0"),
+    ({"hidden_size": 65}, "not a multiple of the number of attention heads"),
+])
+def test_bad_configs_give_one_line_errors(tmp_path, capsys, change, match):
+    cfg = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    path = _write(tmp_path, cfg)
+    assert main(["memory", "--model", str(path), "--device", "cpu", "--seq-len", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("qlora-kit memory: error:")
+    assert match in err, err
+
+
+def test_gpt2_names_and_more_bad_inputs(tmp_path, capsys):
+    path = _write(tmp_path, {"model_type": "gpt2", "vocab_size": 100, "n_embd": 64, "n_layer": 2})
+    assert main(["memory", "--model", str(path), "--device", "cpu"]) == 2
+    assert "missing field 'num_attention_heads' (or 'n_head')" in capsys.readouterr().err
+    assert main(["memory", "--model", str(_write(tmp_path, "{not json")), "--device", "cpu"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["memory", "--model", str(tmp_path / "nope.json")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    good = _write(tmp_path, GOOD)
+    for argv, match in [(["--seq-len", "0"], "seq-len 0 must be an integer >= 1"),
+                        (["--rank", "-2"], "must be an integer >= 1"),
+                        (["--seq-len", "100000"], "beyond the model's context"),
+                        (["--fit", "lots"], "memory size 'lots'"),
+                        (["--sweep", "colour=red"], "expected KEY=V1,V2"),
+                        (["--sweep", "rank=a,b"], "--sweep 'rank=a,b'"),
+                        (["--device", "tpu"], "--device 'tpu'")]:
+        assert main(["memory", "--model", str(good), "--device", "cpu", *argv]) == 2, argv  # the last --device wins
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, (argv, err)
