@@ -103,7 +103,9 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense (out, in) base weight this layer computes with."""
-        if self.weight.is_meta:  # a memory estimate: shapes only
+        if self.weight.is_meta:  # a memory estimate: shapes only, allocating what the real path allocates
+            if self.fmt == "none":
+                return self.weight.to(dtype or self.compute_dtype)
             return torch.empty(self.out_features, self.in_features, dtype=dtype or self.compute_dtype, device="meta")
         return formats.dequantize(self.packed(), self.fmt, (self.out_features, self.in_features),
                                   self.blocksize, dtype or self.compute_dtype)

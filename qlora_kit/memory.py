@@ -689,6 +689,7 @@ class FitResult:
     best: int | None  # the largest value that fits with the given settings (None: nothing fits)
     report: MemoryReport | None  # the estimate at `best`
     alternatives: list[dict]  # switches and the largest value that fits with them
+    limit: int = 0  # the search's upper end (the model's context for a sequence length)
 
 
 SWITCHES = (  # what to switch on, in order of what it costs (speed or quality)
@@ -733,7 +734,7 @@ def fit(cfg: TrainConfig, budget: int, device: str = "cuda", what: str = "seq_le
         value, rep = largest(dataclasses.replace(cfg, **change))
         if value is not None and (best is None or value > best):
             alternatives.append({"switch": label, "change": change, "best": value, "peak": rep.total})
-    return FitResult(what, budget, reserve, best, report, alternatives)
+    return FitResult(what, budget, reserve, best, report, alternatives, limit)
 
 
 def _largest(cfg: TrainConfig, what: str, limit: int, room: int, device: str,
@@ -942,9 +943,11 @@ def format_fit(res: FitResult) -> str:
     if res.best is None:
         lines = [f"nothing fits in {room}: even a {what} of 1 needs more."]
     else:
-        lines = [f"largest {what} that fits in {room}: {res.best} (estimated peak {_fmt(res.report.total)})"]
+        cap = " (the model's context)" if res.what == "seq_len" and res.best == res.limit else ""
+        lines = [f"largest {what} that fits in {room}: {res.best}{cap} (estimated peak {_fmt(res.report.total)})"]
     for alt in res.alternatives:
-        lines.append(f"  with {alt['switch']}: up to {alt['best']} (peak {_fmt(alt['peak'])})")
+        cap = " (the model's context)" if res.what == "seq_len" and alt["best"] == res.limit else ""
+        lines.append(f"  with {alt['switch']}: up to {alt['best']}{cap} (peak {_fmt(alt['peak'])})")
     if res.best is None and not res.alternatives:
         lines.append("  no switch makes it fit: use a smaller model, a lower rank, or a bigger GPU")
     return "\n".join(lines)
