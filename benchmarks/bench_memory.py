@@ -18,10 +18,11 @@ transformers checkpointing, bf16 autocast on CUDA:
   peft       AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(...)) +
              peft.get_peft_model(LoraConfig(target_modules="all-linear", ...))
 
-Each side runs in its own fresh process (qlora-kit first, then PEFT, at each point) and takes --steps
-optimizer steps. Memory is counted the same way on both sides:
+Each side runs in its own fresh process (qlora-kit first, then PEFT, at each point), takes one warm-up
+optimizer step (it creates the optimizer state) and --steps measured ones. Memory is counted the same way
+on both sides:
 
-  * CUDA: torch.cuda.max_memory_allocated over the steps (weights included), the figure to compare;
+  * CUDA: torch.cuda.max_memory_allocated over the measured steps (weights included), the figure to compare;
   * CPU: the peak of live tensor bytes (qlora_kit.memory.LiveTensors: every tensor an operator returns,
     until its storage is freed), split into weights / LoRA / optimizer / activations / logits & loss /
     backward temporaries the same way for both sides; the process's peak RSS is printed alongside.
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="as `qlora-kit memory --sweep` (default: seq-len=128,512 and gradient-checkpointing=false,true)")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per worker")
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps measured per worker, after one warm-up step")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a JSON job for one side
@@ -122,7 +123,8 @@ def worker(job: dict) -> dict:
     if job["side"] == "qlora-kit":
         import qlora_kit
 
-        model = qlora_kit.load_quantized(job["folder"], quant=cfg.quant, compute_dtype=dtype, device=device)
+        model = qlora_kit.load_quantized(job["folder"], quant=cfg.quant, compute_dtype=dtype, device=device,
+                                         double_quant=cfg.double_quant, blocksize=cfg.blocksize)
         qlora_kit.add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets="all-linear")
         kw = {}
     else:
@@ -132,6 +134,8 @@ def worker(job: dict) -> dict:
         if cfg.quant == "int8":
             qcfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
         else:
+            if cfg.blocksize != 64:
+                raise SystemExit("the PEFT side quantizes with bitsandbytes' fixed block size of 64")
             qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant,
                                       bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(job["folder"], quantization_config=qcfg, device_map=device,
@@ -145,10 +149,8 @@ def worker(job: dict) -> dict:
         kw = dict(params=[p for p in model.parameters() if p.requires_grad], register_static=_peft_static,
                   compute_dtype=dtype)
     tracker = memory.LiveTensors()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    memory.run_steps(model, cfg, tracker, device, steps=job["steps"], **kw)
+    memory.run_steps(model, cfg, tracker, device, steps=job["steps"], warmup=True,
+                     on_warm=torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else None, **kw)
     out = {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,
            "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.startswith("cuda"):
@@ -211,6 +213,8 @@ def main() -> None:
                        seq_len=args.seq_len, batch_size=args.batch_size, optimizer=args.optimizer,
                        gradient_checkpointing=args.gradient_checkpointing, compute_dtype=args.dtype)
     axes = memory.parse_sweep(args.sweep)
+    if "none" in axes.get("quant", []):
+        sys.exit("--sweep quant: 'none' has no PEFT + bitsandbytes counterpart; use nf4, fp4 or int8")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
         folder, source = model_folder(args.model, parse_dtype(args.dtype), Path(tmp))
@@ -256,8 +260,9 @@ def main() -> None:
     print(f"\nqlora-kit / PEFT peak: {min(ratios):.2f}x .. {max(ratios):.2f}x (below 1: qlora-kit smaller)")
     if args.json:
         meta = dict(machine=host, versions=vers, args={k: v for k, v in vars(args).items() if k != "worker"})
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=2)
+        from qlora_kit.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(dict(meta=meta, results=results), indent=2).encode())
         print(f"wrote {args.json}")
 
 

@@ -177,6 +177,19 @@ def _memory(args: argparse.Namespace) -> None:
         device = measure_device
     else:
         device = "cpu" if args.device == "cpu" else "cuda"
+    if args.fit and (args.sweep or args.measure):
+        raise ValueError("--fit answers from the estimate alone: use it without --sweep and --measure")
+    if args.sweep:  # fail before any work when the CSV cannot be written
+        csv_dir = Path(args.csv).resolve().parent
+        if not csv_dir.is_dir():
+            raise FileNotFoundError(f"--csv {args.csv}: folder {csv_dir} does not exist")
+        if args.plot:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                raise ValueError("--plot needs matplotlib: pip install 'qlora-kit[plot]'")
+            if not Path(args.plot).resolve().parent.is_dir():
+                raise FileNotFoundError(f"--plot {args.plot}: folder {Path(args.plot).resolve().parent} does not exist")
     config = memory.read_model_config(cfg.model, cfg.cache_dir)
     out: dict = {}
     if args.sweep:
@@ -190,7 +203,7 @@ def _memory(args: argparse.Namespace) -> None:
             print(f"{len(rows)} rows written to {args.csv}" + (f", plot to {args.plot}" if args.plot else ""))
     elif args.fit:
         what = args.fit_for.replace("-", "_")
-        reserve = memory.parse_size(args.reserve) if args.reserve else None
+        reserve = memory.parse_size(args.reserve, allow_zero=True) if args.reserve is not None else None
         res = memory.fit(cfg, memory.parse_size(args.fit), device, what, reserve, config)
         out = {"fit": {"what": res.what, "budget": res.budget, "reserve": res.reserve, "best": res.best,
                        "alternatives": res.alternatives},
@@ -202,7 +215,7 @@ def _memory(args: argparse.Namespace) -> None:
         meas = None
         if args.measure:
             memory.check_measurable(est)
-            meas = memory.measure(cfg, device, steps=args.steps, config=config)
+            meas = memory.measure(cfg, device, steps=args.measure_steps, config=config)
         out = {"estimate": est.to_json(), "measured": meas.to_json() if meas else None}
         if not args.json:
             print(memory.format_report(est, meas))
@@ -337,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(mem, only=set(MEMORY_FIELDS))
     mem.add_argument("--measure", action="store_true", help="also run real training steps (random weights) and "
                                                             "show the measured peak next to the estimate")
-    mem.add_argument("--steps", type=int, default=2, help="optimizer steps measured (default 2)")
+    mem.add_argument("--measure-steps", type=int, default=1, help="optimizer steps measured, after one warm-up "
+                                                                  "step that creates the optimizer state (default 1)")
     mem.add_argument("--fit", default=None, metavar="SIZE",
                      help="a memory budget like 24GiB: print the largest --fit-for value that fits")
     mem.add_argument("--fit-for", default="seq-len", choices=["seq-len", "batch-size"], help="what --fit searches")

@@ -18,7 +18,10 @@ and runs the training steps there: the same transformers forward, the same autog
 optimizer code. What differs between a meta run and a real one is emulated in `_TargetKernels`:
 attention runs a flash-type kernel that keeps O(seq) per head (the CPU and CUDA kernels both do); on CUDA,
 dropout keeps a 1-byte mask and bf16 autocast casts the fp32 LoRA matmuls to bf16 and upcasts norms and
-softmax. On CUDA the estimate adds the cuBLAS workspace. The peak is the largest live total seen.
+softmax. On CUDA the estimate adds the cuBLAS workspaces, and paged optimizer state (CUDA managed memory,
+outside torch's allocator) is left out of the total and named in a note. The peak is the largest live
+total seen. The optimizer step is not run on the meta device: its state is allocated by formula and its
+temporaries by a rule (`optimizer_step_temporaries`).
 
 The measurement runs the same steps on real tensors (random weights: values do not change memory) and
 reports the peak of the same count per category; on CUDA also the allocator's own peak
@@ -47,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import defaults
-from .config import QUANT_FORMATS, LoRAConfig, QuantConfig, TrainConfig, one_line, parse_dtype
+from .config import LoRAConfig, QuantConfig, TrainConfig, one_line, parse_dtype
 from .formats import NESTED_BLOCKSIZE
 from .io import atomic_write_bytes
 from .layers import QuantLinear
@@ -57,7 +60,8 @@ CATEGORIES = (
     "activations", "logits & loss", "backward temporaries", "optimizer temporaries", "CUDA workspace",
 )
 STATIC = ("quantized weights", "unquantized weights", "LoRA parameters")
-CUBLAS_WORKSPACE = 32 * 2**20  # torch's default cuBLAS workspace on Hopper (":4096:8"), from the caching allocator
+CUBLAS_WORKSPACE = 32 * 2**20  # torch's default cuBLAS workspace per handle on Hopper (":4096:8"), from the
+# caching allocator; the forward and autograd's backward thread each get a handle (an approximation: check on a GPU)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for tensors with fewer values than this
 
@@ -69,6 +73,9 @@ SWEEP_KEYS = {"rank": int, "seq-len": int, "batch-size": int, "quant": str, "opt
 
 
 # ---- counting live tensors --------------------------------------------------------------------------
+
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA, "meta": torch._C.DispatchKey.Meta}
+
 
 class LiveTensors(TorchDispatchMode):
     """Bytes of every tensor storage alive, by category, and their peak.
@@ -129,7 +136,21 @@ class LiveTensors(TorchDispatchMode):
         self.at_peak = dict(self.by_category)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = None
+        if func.namespace not in ("aten", "prim", "prims"):
+            # A custom op (bitsandbytes' kernels) may be Python that allocates its own temporaries: run it
+            # with this mode active so those are counted too (aten ops' internal buffers stay invisible).
+            key = _BACKEND_KEYS.get(next((t.device.type for t in tree_leaves((args, kwargs))
+                                          if isinstance(t, Tensor)), "cpu"))
+            if key is not None:
+                try:
+                    with self:
+                        out = func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+                except (RuntimeError, NotImplementedError):
+                    out = None
+        if out is None:
+            out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, Tensor):
                 self.add(t)
@@ -201,17 +222,22 @@ def _optimizer_state_tensors(numels: list[int], optimizer: str) -> list[tuple[in
 
 
 def optimizer_step_temporaries(numels: list[int], optimizer: str, device: str) -> int:
-    """Bytes the optimizer step allocates and frees again.
+    """Peak bytes the optimizer step allocates and frees again, for trainable fp32 tensors of these sizes.
 
-    torch AdamW on CUDA runs the foreach kernels: one fp32 list as large as all parameters (the
-    denominator); on a CPU the per-tensor loop: two fp32 temporaries of the largest parameter.
-    bitsandbytes' 8-bit step is one fused kernel on CUDA; on a CPU it works on an fp32 copy of all values.
+    CUDA: torch AdamW runs its foreach kernels, one fp32 list as large as all parameters (the
+    denominator); bitsandbytes' 8-bit step is one fused kernel (nothing). CPU, one tensor at a time
+    (rules measured on torch 2.13's AdamW and bitsandbytes 0.50's Python 8-bit step, which works on fp32
+    copies of each tensor's state): AdamW 8 B per value of the largest tensor plus 4 B per value of the
+    second largest; 8-bit 20 B per value of the largest tensor (12 B below 4096 values, kept in 32 bits).
     """
     if not numels:
         return 0
+    if device == "cuda":
+        return 4 * sum(numels) if optimizer == "adamw" else 0
     if optimizer == "adamw":
-        return 4 * sum(numels) if device == "cuda" else 8 * max(numels)
-    return 0 if device == "cuda" else 4 * sum(numels)
+        top = sorted(numels, reverse=True)
+        return 8 * top[0] + 4 * (top[1] if len(top) > 1 else 0)
+    return max((20 if n >= BNB_MIN_8BIT_SIZE else 12) * n for n in numels)
 
 
 class _PlannedOptimizer:
@@ -290,6 +316,10 @@ def read_model_config(model: str, cache_dir: str | None = None):
         config = cls.from_dict(raw)
     except Exception as e:  # config classes raise several types for bad values
         raise ValueError(f"{path}: config rejected by transformers ({one_line(e)})") from None
+    text = config.get_text_config()
+    heads, kv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
+        raise ValueError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
     config.qlora_config_path = str(path)
     return config
 
@@ -315,16 +345,19 @@ def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
     from .patch import add_lora, linear_names, set_submodule
 
     qcfg = quant_config(cfg, device)
+    where = getattr(config, "qlora_config_path", "config")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=qcfg.compute_dtype)
     except Exception as e:
-        raise ValueError(f"{getattr(config, 'qlora_config_path', 'config')}: transformers cannot build the model "
-                         f"({one_line(e)})") from None
+        raise ValueError(f"{where}: transformers cannot build the model ({one_line(e)})") from None
     for name in linear_names(model):
         dense = model.get_submodule(name)
         fan_in_fan_out = isinstance(dense, Conv1D)
         out_f, in_f = dense.weight.shape[::-1] if fan_in_fan_out else dense.weight.shape
+        if qcfg.quant in ("nf4", "fp4") and (out_f * in_f) % qcfg.blocksize:
+            raise ValueError(f"{where}: weight {name} of shape {(out_f, in_f)} ({out_f * in_f} values) does not "
+                             f"divide into blocks of {qcfg.blocksize}; loading it would fail too")
         packed = {key: torch.empty(shape, dtype=dtype, device="meta")
                   for key, (shape, dtype) in packed_layout(out_f, in_f, qcfg).items()}
         set_submodule(model, name, QuantLinear(in_f, out_f, packed, qcfg, dense.bias, fan_in_fan_out))
@@ -366,8 +399,12 @@ def _register_static(model: nn.Module, tracker: LiveTensors) -> None:
 
 def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: str, steps: int = 2,
               meta: bool = False, recompute_context: Callable | None = None, params: list[Tensor] | None = None,
-              register_static: Callable | None = None, compute_dtype: torch.dtype | None = None) -> None:
+              register_static: Callable | None = None, compute_dtype: torch.dtype | None = None,
+              warmup: bool = False, on_warm: Callable | None = None) -> None:
     """`steps` optimizer steps of `cfg.grad_accum` micro-batches each, as train() takes them, counted.
+
+    warmup: take one step more first and restart the peak after it, so that the peak is a steady-state
+    step's (optimizers create their state lazily inside their first step).
 
     recompute_context: a context (factory) the recomputation of checkpointed layers runs in; torch
     function modes are not active inside backward, so a meta run re-enters its kernels there.
@@ -398,7 +435,11 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
                 opt.allocate_state()
             else:
                 opt = make_optimizer(cfg.optimizer, params, 1e-4, 0.0)
-            for _ in range(steps):
+            for step in range(steps + warmup):
+                if warmup and step == 1:
+                    tracker.reset_peak()
+                    if on_warm is not None:
+                        on_warm()
                 for _ in range(cfg.grad_accum):
                     tracker.phase = "activations"
                     shape = (cfg.batch_size, cfg.seq_len)
@@ -413,7 +454,8 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
                     (loss / cfg.grad_accum).backward()
                     del loss, batch, ids
                 tracker.phase = "optimizer temporaries"
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not meta:  # in place on real tensors; meta's decomposition would copy every gradient
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 for t in tree_leaves(opt.state if meta else list(opt.state.values())):
                     if isinstance(t, Tensor):
@@ -440,8 +482,9 @@ class _TargetKernels(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             dropout = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
             if self.cuda or not dropout:  # CPU's flash kernel has no dropout: it falls back to the math one
-                return _FlashLikeAttention.apply(*args[:3])
+                return _FlashLikeAttention.apply(args[0], args[1], args[2], mask, self.cuda)
         if func is F.dropout and self.cuda and kwargs.get("training", args[2] if len(args) > 2 else True):
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             if p > 0:
@@ -455,19 +498,27 @@ class _TargetKernels(TorchFunctionMode):
 
 
 class _FlashLikeAttention(torch.autograd.Function):
-    """Keeps q, k, v, the output and a float32 log-sum-exp per query and head, as flash attention does."""
+    """Keeps q, k, v, the mask (if any), the output and a float32 log-sum-exp per query and head, as the
+    flash / memory-efficient kernels do; their CUDA backward also takes an fp32 accumulator for dq."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cuda: bool) -> Tensor:
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool:  # torch turns a boolean mask into an
+            mask = torch.empty(mask.shape, dtype=q.dtype, device=q.device)  # additive one, per call, and keeps it
+        ctx.save_for_backward(q, k, v, out, lse, *([mask] if isinstance(mask, Tensor) else []))
+        ctx.cuda = cuda
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q, k, v = ctx.saved_tensors[:3]
+        scratch = (torch.empty(q.shape, dtype=torch.float32, device=q.device),  # CUDA: dq accumulator and
+                   torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)) if ctx.cuda else ()  # row sums
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del scratch
+        return *grads, None, None
 
 
 class _MaskDropout(torch.autograd.Function):
@@ -571,9 +622,13 @@ def _simulate(config, cfg: TrainConfig, device: str) -> tuple[nn.Module, LiveTen
         with _no_data_dependent_masks(), _TargetKernels(device, autocast):
             run_steps(model, cfg, tracker, device, steps=1, meta=True,
                       recompute_context=lambda: _TargetKernels(device, autocast))
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"{getattr(config, 'qlora_config_path', 'config')}: the model cannot run with these "
-                         f"sizes ({one_line(e)})") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+        where = getattr(config, "qlora_config_path", "config")
+        if "meta" in str(e):  # e.g. mixture-of-experts routing looks at values
+            raise ValueError(f"{where}: {config.model_type} cannot be estimated from its config: its forward "
+                             f"depends on tensor values (such as mixture-of-experts routing) ({one_line(e)}); "
+                             "use --measure on a machine that fits it") from None
+        raise ValueError(f"{where}: the model cannot run with these sizes ({one_line(e)})") from None
     finally:
         head_hook.remove()
     return model, tracker, saved.get("activations", 0)
@@ -599,11 +654,14 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
     components = dict(tracker.at_peak)
     notes = []
     if device == "cuda":
-        components["CUDA workspace"] = CUBLAS_WORKSPACE
-        notes.append("CUDA: add the CUDA context (~0.5 GiB, outside torch's allocator) and allocator "
+        components["CUDA workspace"] = 2 * CUBLAS_WORKSPACE  # one cuBLAS handle for the forward's thread, one
+        notes.append("CUDA: add the CUDA context (~0.5 GiB, outside torch's allocator) and allocator "  # backward's
                      "fragmentation (typically 5-10%) when comparing with a GPU's total memory")
     if cfg.optimizer == "paged_adamw8bit" and device == "cuda":
-        notes.append("paged optimizer state is counted as resident; under memory pressure it moves to CPU memory")
+        paged = components.pop("optimizer state")
+        components["optimizer state"] = 0
+        notes.append(f"paged optimizer state ({_fmt(paged)}) lives in CUDA managed memory, outside torch's "
+                     "allocator and this total; it moves to CPU memory under pressure")
     sizes = _sizes(model, cfg, tracker, saved)
     if compare:
         other = dataclasses.replace(cfg, gradient_checkpointing=not cfg.gradient_checkpointing)
@@ -617,26 +675,32 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
                         peak=sum(components.values()), sizes=sizes, notes=notes)
 
 
-def measure(cfg: TrainConfig, device: str = "auto", steps: int = 2, config=None, seed: int = 0) -> MemoryReport:
-    """Run `steps` real training steps (random weights and tokens) and report the peak, counted per category."""
+def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None, seed: int = 0) -> MemoryReport:
+    """Run one warm-up step and `steps` measured training steps (random weights and tokens); report the
+    measured steps' peak, counted per category (and on CUDA the allocator's peak over them)."""
     from .train import resolve_device
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--measure-steps {steps!r} must be an integer >= 1 (steps measured after one warm-up step)")
     device = resolve_device(device)
     config = config or read_model_config(cfg.model, cfg.cache_dir)
     _check_seq_len(config, cfg)
     torch.manual_seed(seed)
-    model = random_model(config, cfg, device, seed)
+    is_cuda = device.startswith("cuda")
     tracker = LiveTensors()
     saved = {}
-    head_hook = _saved_at_head(model, tracker, saved)
-    is_cuda = device.startswith("cuda")
-    if is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     try:
-        run_steps(model, cfg, tracker, device, steps=steps)
-    finally:
-        head_hook.remove()
+        model = random_model(config, cfg, device, seed)
+        head_hook = _saved_at_head(model, tracker, saved)
+        if is_cuda:
+            torch.cuda.synchronize()
+        try:
+            run_steps(model, cfg, tracker, device, steps=steps, warmup=True,
+                      on_warm=torch.cuda.reset_peak_memory_stats if is_cuda else None)
+        finally:
+            head_hook.remove()
+    except (RuntimeError, IndexError, TypeError) as e:
+        raise ValueError(f"{getattr(config, 'qlora_config_path', 'config')}: measuring failed ({one_line(e)})") from None
     report = MemoryReport(device="cuda" if is_cuda else "cpu",
                           settings=_settings(cfg, device, model.qlora_quant_config),
                           model=_model_info(config, model), components=dict(tracker.at_peak), peak=tracker.peak,
@@ -667,7 +731,7 @@ def check_measurable(est: MemoryReport) -> None:
 
 # ---- fitting a budget -------------------------------------------------------------------------------
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, allow_zero: bool = False) -> int:
     """'24GiB', '24GB', '512MiB', '80G' (G = GiB) or a number of bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.IGNORECASE)
     if not m or not m.group(1):
@@ -676,7 +740,7 @@ def parse_size(text: str) -> int:
     power = "KMGT".find(prefix) + 1 if prefix else 0
     base = 1000 if suffix.upper() == "B" and prefix else 1024  # GB = 10^9, GiB and bare G = 2^30
     value = int(number * base**power)
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"memory size {text!r} must be positive")
     return value
 
@@ -797,10 +861,15 @@ def parse_sweep(items: list[str]) -> dict[str, list]:
         key = key.strip().replace("_", "-")
         if not sep or key not in SWEEP_KEYS or not values.strip():
             raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
+        name = key.replace("-", "_")
+        if name in out:
+            raise ValueError(f"--sweep {item!r}: {key} is swept twice; give all its values in one --sweep")
         try:
-            out[key.replace("-", "_")] = [SWEEP_KEYS[key](v.strip()) for v in values.split(",") if v.strip()]
+            out[name] = [SWEEP_KEYS[key](v.strip()) for v in values.split(",") if v.strip()]
         except ValueError as e:
             raise ValueError(f"--sweep {item!r}: {one_line(e)}") from None
+        if not out[name]:
+            raise ValueError(f"--sweep {item!r}: no values")
     return out
 
 
@@ -811,20 +880,23 @@ def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_meas
     rows = []
     keys = list(axes)
     for values in itertools.product(*(axes[k] for k in keys)):
-        c = dataclasses.replace(cfg, **dict(zip(keys, values, strict=True)))
-        if c.quant not in QUANT_FORMATS:
-            raise ValueError(f"--sweep quant: unknown format {c.quant!r}")
-        if c.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--sweep optimizer: unknown optimizer {c.optimizer!r}")
-        est = estimate(c, device if not do_measure else _measure_device(device), config)
+        label = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in zip(keys, values, strict=True))
+        try:
+            c = dataclasses.replace(cfg, **dict(zip(keys, values, strict=True)))
+            if c.optimizer not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {c.optimizer!r}")
+            est = estimate(c, device if not do_measure else _measure_device(device), config, compare=False)
+        except ValueError as e:
+            raise ValueError(f"--sweep point {label}: {e}") from None
         row = {k: v for k, v in zip(keys, values, strict=True)}
         row.update({f"est_{_key(k)}": v for k, v in est.components.items()}, est_total=est.total)
         if do_measure:
+            check_measurable(est)
             mes = measure(c, device, config=config)
             row.update({f"meas_{_key(k)}": v for k, v in mes.components.items()}, meas_total=mes.total,
                        error=round(est.total / mes.total - 1, 4))
         rows.append(row)
-        log(", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) + f": estimate {_fmt(est.total)}"
+        log(f"{label}: estimate {_fmt(est.total)}"
             + (f", measured {_fmt(row['meas_total'])} ({100 * row['error']:+.1f}%)" if do_measure else ""))
     return rows
 
@@ -943,11 +1015,12 @@ def format_fit(res: FitResult) -> str:
     if res.best is None:
         lines = [f"nothing fits in {room}: even a {what} of 1 needs more."]
     else:
-        cap = " (the model's context)" if res.what == "seq_len" and res.best == res.limit else ""
+        cap = ((" (the model's context)" if res.what == "seq_len" else " (the largest tried)")
+               if res.best == res.limit else "")
         lines = [f"largest {what} that fits in {room}: {res.best}{cap} (estimated peak {_fmt(res.report.total)})"]
     for alt in res.alternatives:
         cap = " (the model's context)" if res.what == "seq_len" and alt["best"] == res.limit else ""
         lines.append(f"  with {alt['switch']}: up to {alt['best']}{cap} (peak {_fmt(alt['peak'])})")
     if res.best is None and not res.alternatives:
-        lines.append("  no switch makes it fit: use a smaller model, a lower rank, or a bigger GPU")
+        lines.append("  no switch makes it fit: use a smaller model, a lower rank, or more memory")
     return "\n".join(lines)
