@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Peak training memory, by component: estimated from the model's config.json "
                                      "(no weights needed), measured on real steps with --measure, the largest "
                                      "sequence length or batch for a budget with --fit, or a sweep to CSV/PNG.")
-    mem.add_argument("--model", default="smollm2-135m",
+    mem.add_argument("--model", default=None,  # None: the --config file's, else the training default
                      help="a config.json, a model folder, a .gguf, or 'smollm2-135m' (default)")
     mem.add_argument("--config", default=None, help="a training YAML (its memory-relevant settings are used)")
     mem.add_argument("--device", default="auto",

@@ -333,3 +333,13 @@ def test_gpt2_names_and_more_bad_inputs(tmp_path, capsys):
         assert main(["memory", "--model", str(good), "--device", "cpu", *argv]) == 2, argv  # the last --device wins
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, (argv, err)
+
+
+def test_cli_reads_a_training_yaml(small_dirs, tmp_path, capsys):
+    """A run's YAML gives the model and settings; flags override it; settings memory ignores are accepted."""
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"model: {small_dirs['llama']}\nseq-len: 96\nbatch-size: 3\nsteps: 500\nlr: 0.0002\n")
+    assert main(["memory", "--config", str(yaml), "--device", "cpu", "--rank", "4", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)["estimate"]
+    assert est["settings"]["seq_len"] == 96 and est["settings"]["batch_size"] == 3 and est["settings"]["rank"] == 4
+    assert est["model"]["config"] == str(small_dirs["llama"] / "config.json")
