@@ -7,8 +7,9 @@ that sees it freed), split into the categories of `CATEGORIES`:
   * static: quantized weights (codes + absmax + double-quantization levels), weights left unquantized
     (embeddings, norms, output head, biases, rotary tables), LoRA parameters;
   * per step: LoRA gradients, optimizer state, activations (what the forward through the decoder keeps
-    for backward, including the recomputation boundaries under checkpointing), logits & loss (the output
-    head, the fp32 upcast and log-softmax of the loss), backward temporaries (gradients in flight,
+    for backward, including the recomputation boundaries under checkpointing), logits & loss (what the
+    fused loss of loss.py keeps: a chunk of fp32 logits and the last hidden state's gradient; or
+    transformers' logits, fp32 upcast and log-softmax), backward temporaries (gradients in flight,
     recomputed activations under checkpointing, the weight dequantized for an input gradient) and
     optimizer temporaries.
 
@@ -54,6 +55,7 @@ from .config import LoRAConfig, QuantConfig, TrainConfig, one_line, parse_dtype
 from .formats import NESTED_BLOCKSIZE
 from .io import atomic_write_bytes
 from .layers import QuantLinear
+from .loss import causal_lm_loss
 
 CATEGORIES = (
     "quantized weights", "unquantized weights", "LoRA parameters", "LoRA gradients", "optimizer state",
@@ -412,7 +414,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     side): its trainable tensors, a function(model, tracker) that files its weights, its compute dtype.
     """
     from .formats import make_optimizer
-    from .patch import enable_checkpointing, lora_layers, output_head
+    from .patch import enable_checkpointing, lora_layers
 
     if params is None:
         params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
@@ -423,7 +425,8 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
         enable_checkpointing(model, **extra)
     model.train()
     hooks = [model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
-             output_head(model).register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "logits & loss"))]
+             _decoder(model).register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
+             _decoder(model).register_forward_hook(lambda *_: setattr(tracker, "phase", "logits & loss"))]
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "LoRA gradients")) for p in params]
     vocab = model.config.get_text_config().vocab_size
     use_autocast = not meta and device.startswith("cuda") and compute_dtype == torch.bfloat16
@@ -449,7 +452,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
                     if not meta:  # the packed batches of training: all ones (a meta run cannot look inside)
                         batch["attention_mask"] = torch.ones_like(ids)
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                        loss = model(**batch).loss
+                        loss = causal_lm_loss(model, batch)
                     tracker.phase = "backward temporaries"
                     (loss / cfg.grad_accum).backward()
                     del loss, batch, ids
@@ -634,12 +637,16 @@ def _simulate(config, cfg: TrainConfig, device: str) -> tuple[nn.Module, LiveTen
     return model, tracker, saved.get("activations", 0)
 
 
-def _saved_at_head(model: nn.Module, tracker: LiveTensors, saved: dict):
-    from .patch import output_head
+def _decoder(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head (model.model, model.transformer, ...): its output is the last
+    hidden state, after which come the head and the loss."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
 
+
+def _saved_at_head(model: nn.Module, tracker: LiveTensors, saved: dict):
     def hook(*_):
         saved["activations"] = tracker.by_category["activations"]
-    return output_head(model).register_forward_pre_hook(hook)
+    return _decoder(model).register_forward_hook(hook)
 
 
 def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool = True) -> MemoryReport:

@@ -33,6 +33,7 @@ from .data import IGNORE, Sequences, load_dataset, micro_batch, pad_id
 from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
 from .loading import check_device, default_compute_dtype, load_quantized
+from .loss import causal_lm_loss
 from .patch import add_lora, enable_checkpointing, lora_layers, parameter_report, trainable_parameters
 
 # Settings that may differ between a run and its resume without changing the result.
@@ -208,7 +209,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             batch = micro_batch(train_set, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch)
             if not torch.isfinite(loss):
                 last = latest_checkpoint(ckpt_dir)
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step} (micro-batch {micro + 1}); "
