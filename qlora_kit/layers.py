@@ -44,6 +44,51 @@ class _FrozenBaseMatmul(torch.autograd.Function):
         return grad_out @ w, None
 
 
+class _LoRABranch(torch.autograd.Function):
+    """scaling * dropout(x) @ A.T @ B.T, keeping for backward only x itself, a 1-byte dropout mask and
+    the (tokens, r) product.
+
+    The usual graph keeps an fp32 copy of x, the fp32 dropout noise and the dropped input, for every
+    target layer, even when q, k and v read the same x. Here x is kept as it came (one storage shared
+    by all layers that read it) and the dropped input is rebuilt in backward from x and the mask.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float, out_dtype: torch.dtype) -> Tensor:
+        xa = x.to(A.dtype)
+        keep = None
+        if p > 0:
+            keep = torch.rand(x.shape, device=x.device) >= p
+            xa = xa * keep / (1 - p)
+        a = xa @ A.t()  # (..., r)
+        del xa
+        ctx.save_for_backward(x, keep, a, A, B)
+        ctx.scaling, ctx.p = scaling, p
+        return ((a @ B.t()) * scaling).to(out_dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: Tensor):
+        x, keep, a, A, B = ctx.saved_tensors
+        g = grad.to(A.dtype) * ctx.scaling  # (..., out)
+        grad_B = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).to(A.dtype)  # (out, r)
+        ga = g @ B.to(g.dtype)  # (..., r)
+        del g
+        xa = x.to(A.dtype)
+        if keep is not None:
+            xa = xa * keep / (1 - ctx.p)
+        grad_A = ga.reshape(-1, ga.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])  # (r, in)
+        del xa
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ga @ A.to(ga.dtype)
+            if keep is not None:
+                grad_x = grad_x * keep / (1 - ctx.p)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_A.to(A.dtype), grad_B.to(B.dtype), None, None, None
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer stored in nf4 / fp4 / int8 (or unquantized), with optional LoRA."""
 
@@ -144,8 +189,8 @@ class QuantLinear(nn.Module):
         y = self.base_forward(x)  # (..., out) in the compute dtype
         if self.lora_A is None or not self.lora_enabled:
             return y
-        a = self.lora_dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # (..., r)
-        return y + (self.scaling * (a @ self.lora_B.t())).to(y.dtype)
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return y + _LoRABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, y.dtype)
 
     def extra_repr(self) -> str:
         lora = f", r={self.r}, alpha={self.lora_alpha:g}" if self.lora_A is not None else ""

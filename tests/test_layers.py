@@ -178,3 +178,45 @@ def test_int8_threshold_mixed_decomposition_trains():
     assert rel_err(y, y_ref) < 2e-2  # int8 activations in the forward
     assert rel_err(x.grad, gx_ref) < 1e-5  # backward through the dequantized weight
 
+
+
+def test_lora_branch_gradients_with_dropout_float64():
+    """The fused LoRA branch's backward (mask rebuilt from x) against finite differences, dropout on."""
+    from qlora_kit.layers import _LoRABranch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def branch(x, a, b):
+        torch.manual_seed(1)  # the same dropout mask on every call
+        return _LoRABranch.apply(x, a, b, 0.75, 0.3, torch.float64)
+
+    assert torch.autograd.gradcheck(branch, (x, a, b))
+    torch.manual_seed(1)
+    keep = torch.rand(x.shape) >= 0.3
+    expected = 0.75 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    assert torch.allclose(branch(x, a, b), expected, rtol=1e-12, atol=1e-12)
+    assert 0.5 < keep.float().mean() < 0.9
+
+
+def test_lora_branch_keeps_a_byte_mask_not_fp32_copies():
+    """For backward the branch keeps x itself (shared with the other layers that read it), a 1-byte mask
+    and the (tokens, r) product; no fp32 copy of x, no fp32 noise."""
+    layers = [make_layer("nf4", dropout=0.1, seed=s) for s in range(3)]  # like q, k, v on one input
+    x = torch.randn(64, 128, requires_grad=True)
+    params = {t.untyped_storage()._cdata for m in layers for t in [*m.parameters(), *m.buffers()]}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params and key != x.untyped_storage()._cdata:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = [m(x) for m in layers]
+    assert sum(saved.values()) == 3 * (64 * 128 * 1 + 64 * 8 * 4), saved  # mask bytes + (tokens, r) fp32
+    sum(y.sum() for y in ys).backward()
+    assert x.grad is not None and all(m.lora_A.grad is not None for m in layers)
