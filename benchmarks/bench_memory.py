@@ -12,11 +12,12 @@ SmolLM2-135M; a config.json gets random weights written once, values do not chan
 linear layer but the output head, the same rank, alpha and dropout, the same optimizer (qlora_kit.formats.
 make_optimizer: torch AdamW or bitsandbytes' 8-bit AdamW), the same base format (nf4/fp4 with double
 quantization, block 64; or int8) and compute dtype, random token batches of the same shape, the same
-transformers checkpointing, bf16 autocast on CUDA:
+transformers checkpointing, bf16 autocast on CUDA. Each side trains as it would on its own:
 
-  qlora-kit  qlora_kit.load_quantized + qlora_kit.add_lora
+  qlora-kit  qlora_kit.load_quantized + qlora_kit.add_lora; loss: qlora_kit.loss.causal_lm_loss (head and
+             cross-entropy fused in chunks, as train() does)
   peft       AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(...)) +
-             peft.get_peft_model(LoraConfig(target_modules="all-linear", ...))
+             peft.get_peft_model(LoraConfig(target_modules="all-linear", ...)); loss: model(**batch).loss
 
 Each side runs in its own fresh process (qlora-kit first, then PEFT, at each point), takes one warm-up
 optimizer step (it creates the optimizer state) and --steps measured ones. Memory is counted the same way
@@ -147,7 +148,7 @@ def worker(job: dict) -> dict:
             enable_checkpointing(model.get_base_model())
             cfg = dataclasses.replace(cfg, gradient_checkpointing=False)  # done here, on the wrapped model
         kw = dict(params=[p for p in model.parameters() if p.requires_grad], register_static=_peft_static,
-                  compute_dtype=dtype)
+                  compute_dtype=dtype, loss_fn=lambda m, batch: m(**batch).loss)  # transformers' own loss
     tracker = memory.LiveTensors()
     memory.run_steps(model, cfg, tracker, device, steps=job["steps"], warmup=True,
                      on_warm=torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else None, **kw)

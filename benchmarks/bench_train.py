@@ -22,6 +22,9 @@ also run under the same bf16 autocast):
              peft.get_peft_model(model, LoraConfig(r, lora_alpha, lora_dropout=0.0,
              target_modules="all-linear", task_type="CAUSAL_LM"))
 
+The loss is what each stack trains with: qlora-kit's qlora_kit.loss.causal_lm_loss (head and cross-entropy
+fused in chunks), PEFT's model(**batch).loss (transformers' logits + cross-entropy); the numbers are the same.
+
 peft.prepare_model_for_kbit_training is NOT called by default: it upcasts every non-quantized weight
 (embeddings, norms, the output head) to fp32, which on a GPU makes the PEFT side do different (slower,
 bigger) arithmetic than qlora-kit; pass --prepare-kbit to call it anyway. Both sides get
@@ -187,6 +190,8 @@ def load_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
 def worker(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
+    from qlora_kit.loss import causal_lm_loss
+
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     stacked = load_file(args.batches)
@@ -211,7 +216,7 @@ def worker(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch) if args.side == "qlora-kit" else model(**batch).loss
         loss.backward()
         opt.step()
         if device.type == "cuda":

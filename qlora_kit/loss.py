@@ -76,7 +76,11 @@ def fused_loss_supported(model: nn.Module) -> bool:
     prefix = getattr(model, "base_model_prefix", "")
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return False
-    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+    decoder = getattr(model, prefix, None) if prefix else None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return False
+    inner_head = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
+    if inner_head is not None:  # a wrapper (e.g. PEFT's) whose "base model" is the whole LM again
         return False
     text = model.config.get_text_config()
     return not any(getattr(text, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS)

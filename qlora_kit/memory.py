@@ -402,7 +402,7 @@ def _register_static(model: nn.Module, tracker: LiveTensors) -> None:
 def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: str, steps: int = 2,
               meta: bool = False, recompute_context: Callable | None = None, params: list[Tensor] | None = None,
               register_static: Callable | None = None, compute_dtype: torch.dtype | None = None,
-              warmup: bool = False, on_warm: Callable | None = None) -> None:
+              warmup: bool = False, on_warm: Callable | None = None, loss_fn: Callable | None = None) -> None:
     """`steps` optimizer steps of `cfg.grad_accum` micro-batches each, as train() takes them, counted.
 
     warmup: take one step more first and restart the peak after it, so that the peak is a steady-state
@@ -411,7 +411,8 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     recompute_context: a context (factory) the recomputation of checkpointed layers runs in; torch
     function modes are not active inside backward, so a meta run re-enters its kernels there.
     params, register_static, compute_dtype: for a model that is not qlora-kit's (the benchmark's PEFT
-    side): its trainable tensors, a function(model, tracker) that files its weights, its compute dtype.
+    side): its trainable tensors, a function(model, tracker) that files its weights, its compute dtype,
+    and loss_fn(model, batch) (default: causal_lm_loss, what train() uses).
     """
     from .formats import make_optimizer
     from .patch import enable_checkpointing, lora_layers
@@ -452,7 +453,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
                     if not meta:  # the packed batches of training: all ones (a meta run cannot look inside)
                         batch["attention_mask"] = torch.ones_like(ids)
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                        loss = causal_lm_loss(model, batch)
+                        loss = (loss_fn or causal_lm_loss)(model, batch)
                     tracker.phase = "backward temporaries"
                     (loss / cfg.grad_accum).backward()
                     del loss, batch, ids

@@ -69,6 +69,11 @@ def test_falls_back_when_the_head_is_not_plain(model_dirs):
     assert not fused_loss_supported(model)
     batch = _batch()
     assert causal_lm_loss(model, batch).item() == model(**batch).loss.item()
+    from peft import LoraConfig, get_peft_model  # a wrapper whose base_model is the whole LM again
+
+    wrapped = get_peft_model(qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32),
+                             LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not fused_loss_supported(wrapped)
     plain = qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32)
     plain.config.final_logit_softcapping = 30.0  # a logit transform after the head
     assert not fused_loss_supported(plain)
