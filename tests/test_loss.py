@@ -70,8 +70,9 @@ def test_falls_back_when_the_head_is_not_plain(model_dirs):
     batch = _batch()
     assert causal_lm_loss(model, batch).item() == model(**batch).loss.item()
     from peft import LoraConfig, get_peft_model  # a wrapper whose base_model is the whole LM again
+    from transformers import AutoModelForCausalLM
 
-    wrapped = get_peft_model(qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32),
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]),
                              LoraConfig(r=2, target_modules=["q_proj"]))
     assert not fused_loss_supported(wrapped)
     plain = qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32)
