@@ -73,17 +73,24 @@ def fused_loss_supported(model: nn.Module) -> bool:
     """Whether causal_lm_loss can skip the logits: a plain, frozen, bias-free linear head on the
     decoder's last hidden state, and no logit transform in the config."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", "")
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return False
-    decoder = getattr(model, prefix, None) if prefix else None
-    if not isinstance(decoder, nn.Module) or decoder is model:
-        return False
-    inner_head = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
-    if inner_head is not None:  # a wrapper (e.g. PEFT's) whose "base model" is the whole LM again
+    if decoder_of(model) is None:
         return False
     text = model.config.get_text_config()
     return not any(getattr(text, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS)
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The decoder under a causal LM's head (transformers' get_decoder), or None where there is none."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return None
+    inner = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
+    return None if inner is not None else decoder  # a "decoder" with a head is the whole LM again
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None = None) -> Tensor:
@@ -93,6 +100,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None
         return model(**batch).loss
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = getattr(model, model.base_model_prefix)(**inputs, use_cache=False)[0]  # (batch, seq, h)
+    hidden = decoder_of(model)(**inputs, use_cache=False)[0]  # (batch, seq, h)
     shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     return linear_cross_entropy(hidden.flatten(0, 1), model.get_output_embeddings().weight, shifted.flatten(), chunk)

@@ -639,9 +639,11 @@ def _simulate(config, cfg: TrainConfig, device: str) -> tuple[nn.Module, LiveTen
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    """The transformer under the LM head (model.model, model.transformer, ...): its output is the last
-    hidden state, after which come the head and the loss."""
-    return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    """The transformer under the LM head (model.model, model.transformer, ...; through wrappers such as
+    PEFT's): its output is the last hidden state, after which come the head and the loss."""
+    from .loss import decoder_of
+
+    return decoder_of(model) or model
 
 
 def _saved_at_head(model: nn.Module, tracker: LiveTensors, saved: dict):

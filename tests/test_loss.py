@@ -74,7 +74,9 @@ def test_falls_back_when_the_head_is_not_plain(model_dirs):
 
     wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]),
                              LoraConfig(r=2, target_modules=["q_proj"]))
-    assert not fused_loss_supported(wrapped)
+    assert fused_loss_supported(wrapped)  # through the wrapper to the decoder, and the same loss
+    batch = _batch()
+    assert abs(causal_lm_loss(wrapped, batch).item() - wrapped(**batch).loss.item()) < 1e-5
     plain = qk.load_quantized(model_dirs["llama"], compute_dtype=torch.float32)
     plain.config.final_logit_softcapping = 30.0  # a logit transform after the head
     assert not fused_loss_supported(plain)
