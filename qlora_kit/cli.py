@@ -163,18 +163,14 @@ def _merge(args: argparse.Namespace) -> None:
 def _memory(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from . import memory
+    from .train import resolve_device
 
     cfg = config_from_args(args)
     if args.device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"--device {args.device!r}: use cuda, cpu or auto")
     if args.measure:
-        measure_device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-        if args.device == "cuda" and measure_device == "cpu":
-            raise ValueError("--measure --device cuda asked for, but torch sees no CUDA GPU")
-        device = measure_device
+        device = resolve_device(args.device)  # the device measured on: auto means cuda when there is one
     else:
         device = "cpu" if args.device == "cpu" else "cuda"
     if args.fit and (args.sweep or args.measure):

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from .config import QuantConfig, one_line
+from .config import QuantConfig, one_line, parse_dtype
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, output_head, set_submodule
 
@@ -29,6 +29,11 @@ from .patch import fingerprint, linear_names, output_head, set_submodule
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are several times slower than fp32."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_compute_dtype(value: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """A compute dtype setting ('auto' / None: the device's default; else bf16, fp16, fp32) as a torch dtype."""
+    return default_compute_dtype(device) if value in (None, "auto") else parse_dtype(value, "compute_dtype")
 
 
 def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: torch.dtype | str | None = None,
@@ -53,7 +58,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
         FileNotFoundError, ValueError: with one line naming the file or tensor at fault.
     """
     device = check_device(device)
-    cfg = QuantConfig(quant=quant, compute_dtype=compute_dtype or default_compute_dtype(device),
+    cfg = QuantConfig(quant=quant, compute_dtype=resolve_compute_dtype(compute_dtype, device),
                       double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold)
     path = Path(path)
     if path.suffix == ".gguf":
@@ -69,10 +74,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     if skip:
         targets = {n for n in targets if not any(n == s or n.endswith("." + s) for s in skip)}
     _StreamingFill(model, targets, cfg, device).run(files)
-    model.eval()
-    model.qlora_quant_config = cfg
-    model.qlora_source = {"path": str(path), "fingerprint": fingerprint(model)}
-    return model
+    return _loaded(model, cfg, str(path))
 
 
 def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Iterable[tuple[str, torch.Tensor]]],
@@ -94,15 +96,20 @@ def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Itera
     for name, tensor in tensors(expected):
         fill._place(Path("<generated>"), name, name, tensor)
     fill._finish()
-    model.eval()
-    model.qlora_quant_config = cfg
-    model.qlora_source = {"path": None, "fingerprint": fingerprint(model)}
-    return model
+    return _loaded(model, cfg, None)
 
 
 def _skeleton(config, cfg: QuantConfig) -> nn.Module:
     with _params_on_meta():
         return AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
+
+
+def _loaded(model: nn.Module, cfg: QuantConfig, path: str | None) -> nn.Module:
+    """A filled model, in eval mode, tagged with how it was quantized and where it came from."""
+    model.eval()
+    model.qlora_quant_config = cfg
+    model.qlora_source = {"path": path, "fingerprint": fingerprint(model)}
+    return model
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -51,11 +51,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import defaults
-from .config import LoRAConfig, QuantConfig, TrainConfig, one_line, parse_dtype
+from .config import LoRAConfig, QuantConfig, TrainConfig, one_line
 from .formats import NESTED_BLOCKSIZE
 from .io import atomic_write_bytes
 from .layers import QuantLinear
 from .loss import causal_lm_loss
+from .train import check_seq_len, resolve_device
 
 CATEGORIES = (
     "quantized weights", "unquantized weights", "LoRA parameters", "LoRA gradients", "optimizer state",
@@ -202,24 +203,24 @@ def optimizer_state_bytes(numels: list[int], optimizer: str) -> int:
     (bitsandbytes): two uint8 moments with a float32 absmax per 256 values, for tensors of at least
     4096 values; smaller tensors keep two fp32 moments. Step counters of the 8-bit optimizers are Python ints.
     """
-    return sum(nbytes for _, nbytes in _optimizer_state_tensors(numels, optimizer))
+    return sum(_optimizer_state_tensors(numels, optimizer))
 
 
-def _optimizer_state_tensors(numels: list[int], optimizer: str) -> list[tuple[int, int]]:
-    """(index of the parameter, bytes) of every state tensor; the 8-bit optimizers' two 256-entry code
-    tables are shared by all parameters (index -1)."""
+def _optimizer_state_tensors(numels: list[int], optimizer: str) -> list[int]:
+    """Bytes of every state tensor; the 8-bit optimizers' two 256-entry code tables are shared by all
+    parameters (listed once)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     out = []
-    for i, n in enumerate(numels):
+    for n in numels:
         if optimizer == "adamw":
-            out += [(i, 4 * n), (i, 4 * n), (i, 4)]  # exp_avg, exp_avg_sq, step
+            out += [4 * n, 4 * n, 4]  # exp_avg, exp_avg_sq, step
         elif n >= BNB_MIN_8BIT_SIZE:
-            out += [(i, n), (i, n), (i, 4 * math.ceil(n / 256)), (i, 4 * math.ceil(n / 256))]
+            out += [n, n, 4 * math.ceil(n / 256), 4 * math.ceil(n / 256)]
         else:
-            out += [(i, 4 * n), (i, 4 * n)]
+            out += [4 * n, 4 * n]
     if optimizer != "adamw" and any(n >= BNB_MIN_8BIT_SIZE for n in numels):
-        out += [(-1, 1024), (-1, 1024)]
+        out += [1024, 1024]
     return out
 
 
@@ -243,21 +244,17 @@ def optimizer_step_temporaries(numels: list[int], optimizer: str, device: str) -
 
 
 class _PlannedOptimizer:
-    """A meta run's optimizer: the state of `optimizer_state_bytes` and the temporaries of a step, no arithmetic."""
+    """A meta run's optimizer: the state of `optimizer_state_bytes`, allocated up front (the one step
+    simulated is a steady-state step), and the temporaries of a step; no arithmetic."""
 
     def __init__(self, params: list[Tensor], name: str, device: str):
         self.params, self.name, self.device = params, name, device
-        self.state: list[Tensor] = []
-
-    def allocate_state(self) -> None:
-        numels = [p.numel() for p in self.params]
-        self.state = [torch.empty(nbytes, dtype=torch.uint8, device="meta")
-                      for _, nbytes in _optimizer_state_tensors(numels, self.name)]
+        self.numels = [p.numel() for p in params]
+        self.state = [torch.empty(n, dtype=torch.uint8, device="meta")
+                      for n in _optimizer_state_tensors(self.numels, name)]
 
     def step(self) -> None:
-        if not self.state:
-            self.allocate_state()
-        torch.empty(optimizer_step_temporaries([p.numel() for p in self.params], self.name, self.device),
+        torch.empty(optimizer_step_temporaries(self.numels, self.name, self.device),
                     dtype=torch.uint8, device="meta")  # allocated and freed at once: the count sees it
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -333,10 +330,9 @@ def _lora_config(cfg: TrainConfig) -> LoRAConfig:
 
 
 def quant_config(cfg: TrainConfig, device: str) -> QuantConfig:
-    from .loading import default_compute_dtype
+    from .loading import resolve_compute_dtype
 
-    dtype = default_compute_dtype(device) if cfg.compute_dtype == "auto" else parse_dtype(cfg.compute_dtype)
-    return QuantConfig(quant=cfg.quant, compute_dtype=dtype, double_quant=cfg.double_quant, blocksize=cfg.blocksize)
+    return QuantConfig(quant=cfg.quant, compute_dtype=resolve_compute_dtype(cfg.compute_dtype, device), double_quant=cfg.double_quant, blocksize=cfg.blocksize)
 
 
 def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
@@ -425,8 +421,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
         extra = {"context_fn": lambda: (contextlib.nullcontext(), recompute_context())} if recompute_context else {}
         enable_checkpointing(model, **extra)
     model.train()
-    hooks = [model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
-             _decoder(model).register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
+    hooks = [_decoder(model).register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
              _decoder(model).register_forward_hook(lambda *_: setattr(tracker, "phase", "logits & loss"))]
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "LoRA gradients")) for p in params]
     vocab = model.config.get_text_config().vocab_size
@@ -434,9 +429,8 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     try:
         with tracker:
             tracker.phase = "optimizer state"
-            if meta:  # state by formula, allocated up front: the one step simulated is a steady-state step
+            if meta:
                 opt = _PlannedOptimizer(params, cfg.optimizer, "cuda" if device.startswith("cuda") else "cpu")
-                opt.allocate_state()
             else:
                 opt = make_optimizer(cfg.optimizer, params, 1e-4, 0.0)
             for step in range(steps + warmup):
@@ -602,12 +596,6 @@ def _model_info(config, model: nn.Module) -> dict:
     }
 
 
-def _check_seq_len(config, cfg: TrainConfig) -> None:
-    max_ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if max_ctx is not None and cfg.seq_len > max_ctx:
-        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context of {max_ctx} tokens")
-
-
 def _sizes(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, saved: int) -> dict[str, int]:
     from .patch import lora_layers
 
@@ -659,7 +647,7 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     config = config or read_model_config(cfg.model, cfg.cache_dir)
-    _check_seq_len(config, cfg)
+    check_seq_len(config, cfg.seq_len)
     model, tracker, saved = _simulate(config, cfg, device)
     components = dict(tracker.at_peak)
     notes = []
@@ -688,13 +676,11 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
 def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None, seed: int = 0) -> MemoryReport:
     """Run one warm-up step and `steps` measured training steps (random weights and tokens); report the
     measured steps' peak, counted per category (and on CUDA the allocator's peak over them)."""
-    from .train import resolve_device
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--measure-steps {steps!r} must be an integer >= 1 (steps measured after one warm-up step)")
     device = resolve_device(device)
     config = config or read_model_config(cfg.model, cfg.cache_dir)
-    _check_seq_len(config, cfg)
+    check_seq_len(config, cfg.seq_len)
     torch.manual_seed(seed)
     is_cuda = device.startswith("cuda")
     tracker = LiveTensors()
@@ -895,7 +881,7 @@ def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_meas
             c = dataclasses.replace(cfg, **dict(zip(keys, values, strict=True)))
             if c.optimizer not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {c.optimizer!r}")
-            est = estimate(c, device if not do_measure else _measure_device(device), config, compare=False)
+            est = estimate(c, device if not do_measure else resolve_device(device), config, compare=False)
         except ValueError as e:
             raise ValueError(f"--sweep point {label}: {e}") from None
         row = {k: v for k, v in zip(keys, values, strict=True)}
@@ -909,11 +895,6 @@ def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_meas
         log(f"{label}: estimate {_fmt(est.total)}"
             + (f", measured {_fmt(row['meas_total'])} ({100 * row['error']:+.1f}%)" if do_measure else ""))
     return rows
-
-
-def _measure_device(device: str) -> str:
-    from .train import resolve_device
-    return resolve_device(device)
 
 
 def _key(category: str) -> str:

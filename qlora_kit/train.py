@@ -28,11 +28,11 @@ from torch import nn
 
 from . import defaults
 from .adapters import load_adapter, write_adapter_files
-from .config import TrainConfig, one_line, parse_dtype
+from .config import TrainConfig, one_line
 from .data import IGNORE, Sequences, load_dataset, micro_batch, pad_id
 from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
-from .loading import check_device, default_compute_dtype, load_quantized
+from .loading import check_device, load_quantized, resolve_compute_dtype
 from .loss import causal_lm_loss
 from .patch import add_lora, enable_checkpointing, lora_layers, parameter_report, trainable_parameters
 
@@ -59,8 +59,7 @@ def load_model_and_tokenizer(model: str, quant: str = "nf4", compute_dtype: str 
                              double_quant: bool = True, blocksize: int = 64, cache_dir: str | None = None):
     """Resolve the model (path, .gguf, or the embedded default), then load it quantized with its tokenizer."""
     path = defaults.model_folder(model, cache_dir)
-    dtype = default_compute_dtype(device) if compute_dtype == "auto" else parse_dtype(compute_dtype)
-    net = load_quantized(path, quant=quant, compute_dtype=dtype, double_quant=double_quant, blocksize=blocksize,
+    net = load_quantized(path, quant=quant, compute_dtype=resolve_compute_dtype(compute_dtype, device), double_quant=double_quant, blocksize=blocksize,
                          device=device)
     return net, load_tokenizer(path)
 
@@ -75,8 +74,10 @@ def load_tokenizer(path: Path):
         raise ValueError(f"{path}: cannot load a tokenizer from the model folder ({one_line(e)})") from None
 
 
-def check_seq_len(model: nn.Module, seq_len: int) -> None:
-    max_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+def check_seq_len(model_or_config, seq_len: int) -> None:
+    """Refuse a sequence length beyond the context of a model (or of its transformers config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    max_ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
     if max_ctx is not None and seq_len > max_ctx:
         raise ValueError(f"--seq-len {seq_len} is beyond the model's context of {max_ctx} tokens")
 
