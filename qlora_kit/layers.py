@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import formats
+from . import formats, kernels
 from .config import QuantConfig
 
 
@@ -186,10 +186,13 @@ class QuantLinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
+        lora = self.lora_A is not None and self.lora_enabled
+        p = self.lora_dropout.p if lora and self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        if kernels.use_triton(self, x):  # nf4 / fp4 on a GPU: the fused kernels
+            return kernels.quant_lora_linear(self, x, lora, p)
         y = self.base_forward(x)  # (..., out) in the compute dtype
-        if self.lora_A is None or not self.lora_enabled:
+        if not lora:
             return y
-        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         return y + _LoRABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, y.dtype)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,268 @@
+"""Triton kernels for a frozen nf4 / fp4 weight: the 4-bit codes are decoded inside the matmul tile.
+
+Three kernels, one weight layout (bitsandbytes' own, see formats.py): the (N, K) weight flattened row
+by row, two codes a byte with the even element in the high nibble, one scale per `blocksize`
+consecutive values. With double quantization a scale is itself a uint8 code:
+    scale[b] = nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset.
+
+  _forward_kernel  Y = X @ W.T  (+ s * XA @ B.T)  (+ bias)                 (M, K) -> (M, N)
+  _input_grad_kernel  dX = dY @ W  (+ keep / (1-p) * (GA @ A))            (M, N) -> (M, K)
+  _decode_kernel   the forward for a few rows (decoding): reads each packed byte once, split over
+                   many programs along N, with the same LoRA and bias epilogue.
+
+The LoRA factors enter as already-small products: XA = dropout(X) @ A.T (M, r) and GA = s * dY @ B
+(M, r), which the caller keeps for the factors' own gradients. Every tile accumulates in fp32.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (numpy); numpy has no bf16 matmul, so there
+the operands of `tl.dot` are rounded to bf16 and then multiplied in fp32 (DOT_F32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..formats import NESTED_BLOCKSIZE
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NESTED = tl.constexpr(NESTED_BLOCKSIZE)
+
+
+@triton.jit
+def _scale(absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr):
+    """The fp32 scale of quantization block `blk` (any shape)."""
+    if DOUBLE:
+        code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        return tl.load(nested_map_ptr + code) * tl.load(nested_ptr + blk // _NESTED, mask=mask, other=0.0) \
+            + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, n, k, K, mask,
+            BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr):
+    """W[n, k] in fp32 for broadcastable index tiles n and k (zero where masked)."""
+    idx = n.to(tl.int64) * K + k  # position in the flattened weight
+    byte = tl.load(w_ptr + idx // 2, mask=mask, other=0)
+    code = (byte >> ((1 - idx % 2) * 4).to(tl.uint8)) & 0xF  # the even element sits in the high nibble
+    scale = _scale(absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, idx // BLOCKSIZE, mask, DOUBLE)
+    return tl.load(qmap_ptr + code.to(tl.int32)) * scale
+
+
+@triton.jit
+def _dot(a, b, acc, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with both operands rounded to DTYPE (the compute dtype) and fp32 accumulation."""
+    a = a.to(DTYPE)
+    b = b.to(DTYPE)
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """Tile (m, n) of program `pid`, walking GROUP row tiles at a time so their weight tiles stay in L2."""
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP * grid_n
+    first_m = (pid // width) * GROUP
+    size_m = tl.minimum(grid_m - first_m, GROUP)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
+                    xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
+                    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                    GROUP: tl.constexpr):
+    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # (BM, BK)
+        w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[None, :],
+                    rk[:, None], K, (rn[None, :] < N) & (rk[:, None] < K), BLOCKSIZE, DOUBLE)  # (BK, BN)
+        acc = _dot(x, w, acc, dtype, DOT_F32, IEEE)
+    if HAS_LORA:  # the epilogue: s * (XA @ B.T) on the tile, XA computed once by the caller
+        rr = tl.arange(0, BR)
+        xa = tl.load(xa_ptr + rm[:, None].to(tl.int64) * R + rr[None, :],
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # (BM, BR)
+        bt = tl.load(b_ptr + rn[None, :].to(tl.int64) * R + rr[:, None],
+                     mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)  # (BR, BN)
+        acc += scaling * _dot(xa, bt, tl.zeros((BM, BN), dtype=tl.float32), dtype, DOT_F32, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(dtype),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _input_grad_kernel(dy_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
+                       ga_ptr, a_ptr, keep_ptr, dx_ptr, M, N, K, R, keep_scale,
+                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                       GROUP: tl.constexpr):
+    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BM, BK, GROUP)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    dtype = dy_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * N + rn[None, :],
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # (BM, BN)
+        w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[:, None],
+                    rk[None, :], K, (rn[:, None] < N) & (rk[None, :] < K), BLOCKSIZE, DOUBLE)  # (BN, BK)
+        acc = _dot(dy, w, acc, dtype, DOT_F32, IEEE)
+    if HAS_LORA:  # + (GA @ A), through the dropout mask when there is one
+        rr = tl.arange(0, BR)
+        ga = tl.load(ga_ptr + rm[:, None].to(tl.int64) * R + rr[None, :],
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # (BM, BR)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :],
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)  # (BR, BK)
+        lora = _dot(ga, a, tl.zeros((BM, BK), dtype=tl.float32), dtype, DOT_F32, IEEE)
+        if HAS_DROPOUT:
+            keep = tl.load(keep_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
+                           mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+            lora = lora * (keep.to(tl.float32) * keep_scale)
+        acc += lora
+    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dtype),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit
+def _decode_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
+                   xa_ptr, b_ptr, bias_ptr, y_ptr, N, K, R, scaling,
+                   BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, BR: tl.constexpr):
+    """One row of Y, BN outputs per program; each step reads a (BN, BK2) tile of packed bytes once."""
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BN, BK2), dtype=tl.float32)
+    for j0 in range(0, K // 2, BK2):  # K is even for every layer this kernel is used on
+        rj = j0 + tl.arange(0, BK2)  # byte j of the row holds elements 2j (high nibble) and 2j + 1
+        mask = (rn[:, None] < N) & (rj[None, :] < K // 2)
+        byte_idx = rn[:, None].to(tl.int64) * (K // 2) + rj[None, :]
+        byte = tl.load(w_ptr + byte_idx, mask=mask, other=0)
+        scale = _scale(absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, (byte_idx * 2) // BLOCKSIZE, mask,
+                       DOUBLE)  # both nibbles of a byte share a block: blocksizes are even
+        hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
+        lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
+        x_even = tl.load(x_ptr + m.to(tl.int64) * K + 2 * rj, mask=rj < K // 2, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + m.to(tl.int64) * K + 2 * rj + 1, mask=rj < K // 2, other=0.0).to(tl.float32)
+        acc += scale * (hi * x_even[None, :] + lo * x_odd[None, :])
+    y = tl.sum(acc, axis=1)  # (BN,)
+    if HAS_LORA:
+        rr = tl.arange(0, BR)
+        xa = tl.load(xa_ptr + m * R + rr, mask=rr < R, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * R + rr[None, :],
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(tl.float32)
+        y += scaling * tl.sum(b * xa[None, :], axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * N + rn, y.to(dtype), mask=rn < N)
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+DECODE_ROWS = 8  # at most this many rows of X go through the decode kernel
+
+
+def _weight_args(packed: dict[str, Tensor]) -> tuple[list, bool]:
+    double = "nested_absmax" in packed
+    absmax = packed["absmax"]
+    if double:
+        return [packed["weight"], packed["quant_map"], absmax, packed["nested_absmax"],
+                packed["nested_quant_map"], packed["offset"]], True
+    return [packed["weight"], packed["quant_map"], absmax, absmax, absmax, absmax], False  # unused slots
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def _tiles(M: int, N: int) -> dict:
+    if INTERPRET:  # small tiles: every program is a Python loop
+        return dict(BM=16, BN=32, BK=32, GROUP=4, num_warps=4, num_stages=1)
+    if M <= 64:
+        return dict(BM=max(16, triton.next_power_of_2(M)), BN=64, BK=128, GROUP=1, num_warps=4, num_stages=4)
+    return dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dict(DOT_F32=INTERPRET and dtype == torch.bfloat16, IEEE=ieee)
+
+
+def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa: Tensor | None = None,
+            B: Tensor | None = None, scaling: float = 0.0, bias: Tensor | None = None,
+            decode: bool | None = None, out: Tensor | None = None) -> Tensor:
+    """x (M, K) @ W.T (+ scaling * xa @ B.T) (+ bias) -> (M, N) in x's dtype.
+
+    Args:
+        x: contiguous (M, K) in the compute dtype.
+        packed: the layer's nf4 / fp4 packed form for a weight of shape (N, K).
+        xa: (M, r) = dropout(x) @ A.T, and B (N, r): the LoRA branch, or both None.
+        bias: (N,) or None.
+        decode: use the decode kernel (default: when M <= DECODE_ROWS).
+        out: an (M, N) buffer to write into (every element is written).
+    """
+    M, K = x.shape
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
+    wargs, double = _weight_args(packed)
+    has_lora = xa is not None
+    R = B.shape[1] if has_lora else 0
+    lora = [xa.contiguous(), B.contiguous()] if has_lora else [x, x]
+    common = dict(BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+                  BR=_rank_block(R))
+    if (M <= DECODE_ROWS) if decode is None else decode:
+        BN = 16 if N <= 8192 else 32
+        _decode_kernel[(triton.cdiv(N, BN), M)](
+            x, *wargs, *lora, bias if bias is not None else x, y, N, K, R, float(scaling),
+            BN=BN, BK2=64, num_warps=4, **common)
+        return y
+    t = _tiles(M, N)
+    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
+    _forward_kernel[grid](x, *wargs, *lora, bias if bias is not None else x, y, M, N, K, R, float(scaling),
+                          **common, **_dot_flags(x.dtype), **t)
+    return y
+
+
+def input_grad(dy: Tensor, packed: dict[str, Tensor], K: int, blocksize: int, *, ga: Tensor | None = None,
+               A: Tensor | None = None, keep: Tensor | None = None, p: float = 0.0,
+               out: Tensor | None = None) -> Tensor:
+    """dy (M, N) @ W (+ keep / (1 - p) * (ga @ A)) -> (M, K) in dy's dtype.
+
+    Args:
+        ga: (M, r) = scaling * dy @ B, and A (r, K): the LoRA branch's input gradient, or both None.
+        keep: the (M, K) boolean dropout mask of the forward, or None.
+        out: an (M, K) buffer to write into (every element is written).
+    """
+    M, N = dy.shape
+    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype) if out is None else out
+    wargs, double = _weight_args(packed)
+    has_lora = ga is not None
+    R = A.shape[0] if has_lora else 0
+    lora = [ga.contiguous(), A.contiguous()] if has_lora else [dy, dy]
+    keep_arg = keep.view(torch.uint8) if keep is not None else dy
+    t = _tiles(M, K)
+    t["BK"], t["BN"] = t["BN"], t["BK"]  # the output tile runs along K here, the reduction along N
+    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),)
+    _input_grad_kernel[grid](dy, *wargs, *lora, keep_arg, dx, M, N, K, R, 1.0 / (1.0 - p) if keep is not None else 1.0,
+                             BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=keep is not None,
+                             BR=_rank_block(R), **_dot_flags(dy.dtype), **t)
+    return dx
