@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import machine, model_folder
 
 SIDES = ("qlora-kit", "peft")
 
@@ -173,24 +173,6 @@ def run_worker(job: dict, tmp: Path) -> dict:
 
 
 # ---- parent ------------------------------------------------------------------------------------------
-
-def model_folder(model: str, dtype: torch.dtype, tmp: Path) -> tuple[Path, str]:
-    """A folder with weights for both sides: the model's own, or random ones written for a config.json."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qlora_kit.defaults import model_folder as resolve
-
-    path = Path(model)
-    if str(model) == "smollm2-135m" or path.suffix == ".gguf":
-        return resolve(model), "weights of the model"
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return path, "weights of the model"
-    config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
-    torch.manual_seed(0)
-    folder = tmp / "random-model"
-    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
-    return folder, "random weights"
-
 
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"

@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import machine, model_folder
 
 from qlora_kit.config import parse_dtype
 
@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m",
                    help="a Hugging Face model folder or .gguf file; default the embedded SmolLM2-135M")
-    p.add_argument("--data", default="shakespeare", help="a .txt / .jsonl file; default the embedded Shakespeare")
+    p.add_argument("--data", default="shakespeare",
+                   help="a .txt / .jsonl file, 'random' (uniform random tokens, full sequences), or the embedded "
+                        "Shakespeare (default; 'random' is used anyway for a model without a tokenizer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help=f"compute dtype bf16 / fp16 / fp32 ({default('dtype')})")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"], help="base format (default nf4)")
@@ -238,24 +240,33 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---- parent: data once, workers alternating, the table ---------------------------------------------
 
-def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int]:
+def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, str]:
     """Resolve the model folder and write the micro-batches every worker will consume."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from qlora_kit.data import load_dataset, micro_batch
-    from qlora_kit.defaults import resolve_data, resolve_model
-    from qlora_kit.gguf import gguf_to_hf_dir
+    from qlora_kit.defaults import resolve_data
 
-    folder = resolve_model(args.model)
-    if folder.suffix == ".gguf":
-        folder = gguf_to_hf_dir(folder)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    train, _ = load_dataset(resolve_data(args.data), tok, args.seq_len, seed=args.seed)
-    batches = [micro_batch(train, i, args.batch_size, args.seed) for i in range(args.warmup + args.steps)]
+    folder, source = model_folder(args.model, parse_dtype(args.dtype), tmp)
+    n = args.warmup + args.steps
+    if args.data == "random" or source == "random weights":
+        from qlora_kit.memory import read_model_config
+
+        vocab = read_model_config(str(folder)).vocab_size
+        gen = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, vocab, (n, args.batch_size, args.seq_len), generator=gen)
+        stacked = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        data = f"random tokens ({source} model)"
+    else:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        train, _ = load_dataset(resolve_data(args.data), tok, args.seq_len, seed=args.seed)
+        batches = [micro_batch(train, i, args.batch_size, args.seed) for i in range(n)]
+        stacked = {k: torch.stack([b[k] for b in batches]).contiguous() for k in batches[0]}
+        data = f"{args.data} ({len(train):,} training sequences)"
     path = tmp / "batches.safetensors"
-    save_file({k: torch.stack([b[k] for b in batches]).contiguous() for k in batches[0]}, str(path))
-    return folder, path, len(train)
+    save_file(stacked, str(path))
+    return folder, path, data
 
 
 def run_worker(args: argparse.Namespace, side: str, folder: Path, batches: Path, result: Path) -> dict:
@@ -295,8 +306,8 @@ def main() -> None:
     print(", ".join(f"{k} {v}" for k, v in vers.items()))
 
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
-        folder, batches, n_train = prepare(args, Path(tmp))
-        print(f"model {args.model} ({folder}), data {args.data} ({n_train:,} training sequences)")
+        folder, batches, data = prepare(args, Path(tmp))
+        print(f"model {args.model} ({folder}), data {data}")
         print(f"device {device}, compute dtype {args.dtype}, base {args.quant}"
               + (" (double quant, block 64)" if args.quant != "int8" else " (threshold 0)")
               + f", LoRA all-linear r={args.rank} alpha={args.alpha:g} dropout 0, AdamW lr {args.lr:g}, "

@@ -78,7 +78,7 @@ def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr)
 
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
-                    xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
+                    xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling, M_BUCKET,
                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
@@ -110,7 +110,7 @@ def _forward_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_p
 
 @triton.jit
 def _input_grad_kernel(dy_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
-                       ga_ptr, a_ptr, keep_ptr, dx_ptr, M, N, K, R, keep_scale,
+                       ga_ptr, a_ptr, keep_ptr, dx_ptr, M, N, K, R, keep_scale, M_BUCKET,
                        BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
@@ -147,7 +147,7 @@ def _input_grad_kernel(dy_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_m
 def _decode_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
                    xa_ptr, b_ptr, bias_ptr, y_ptr, N, K, R, scaling,
                    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, BR: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr):
     """One row of Y, BN outputs per program; each step reads a (BN, BK2) tile of packed bytes once."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -191,16 +191,48 @@ def _weight_args(packed: dict[str, Tensor]) -> tuple[list, bool]:
     return [packed["weight"], packed["quant_map"], absmax, absmax, absmax, absmax], False  # unused slots
 
 
+def _bucket(m: int) -> int:
+    """The autotuner's key for the row count: tiles are re-chosen when it crosses a power of two."""
+    return triton.next_power_of_2(m)
+
+
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
-def _tiles(M: int, N: int) -> dict:
-    if INTERPRET:  # small tiles: every program is a Python loop
-        return dict(BM=16, BN=32, BK=32, GROUP=4, num_warps=4, num_stages=1)
-    if M <= 64:
-        return dict(BM=max(16, triton.next_power_of_2(M)), BN=64, BK=128, GROUP=1, num_warps=4, num_stages=4)
-    return dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3)
+# Tile shapes. In the interpreter every program is a Python loop, so tiles are small and fixed. On a GPU
+# they are picked by Triton's autotuner per (row-count bucket, N, K), from shapes that suit bf16 tensor
+# cores; the same list serves the input-gradient kernel with BN and BK swapped (its output runs along K).
+_INTERPRETER_TILES = dict(BM=16, BN=32, BK=32, GROUP=4)
+_GPU_TILES = [  # (BM, BN, BK, warps, stages)
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
+]
+_DECODE_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (64, 32, 4), (8, 128, 2)]  # (BN, BK2, warps)
+
+
+def _tuned(kernel, swap: bool = False):
+    if INTERPRET:
+        return kernel
+    configs = [triton.Config(dict(BM=bm, BN=bk if swap else bn, BK=bn if swap else bk, GROUP=8),
+                             num_warps=w, num_stages=st) for bm, bn, bk, w, st in _GPU_TILES]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(kernel)
+
+
+_forward = _tuned(_forward_kernel)
+_input_grad = _tuned(_input_grad_kernel, swap=True)
+_decode = _decode_kernel if INTERPRET else triton.autotune(
+    configs=[triton.Config(dict(BN=bn, BK2=bk2), num_warps=w) for bn, bk2, w in _DECODE_TILES],
+    key=["N", "K", "R"])(_decode_kernel)
+
+
+def _launch(kernel, tuned, grid, args: list, **meta) -> None:
+    if INTERPRET:
+        tiles = dict(_INTERPRETER_TILES, BN=16, BK2=32) if kernel is _decode_kernel else dict(_INTERPRETER_TILES)
+        tiles = {k: v for k, v in tiles.items() if k in kernel.arg_names}
+        tuned[grid(tiles)](*args, **meta, **tiles)
+    else:
+        tuned[grid](*args, **meta)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -229,16 +261,14 @@ def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa:
     lora = [xa.contiguous(), B.contiguous()] if has_lora else [x, x]
     common = dict(BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
                   BR=_rank_block(R))
+    bias_arg = bias if bias is not None else x
     if (M <= DECODE_ROWS) if decode is None else decode:
-        BN = 16 if N <= 8192 else 32
-        _decode_kernel[(triton.cdiv(N, BN), M)](
-            x, *wargs, *lora, bias if bias is not None else x, y, N, K, R, float(scaling),
-            BN=BN, BK2=64, num_warps=4, **common)
+        _launch(_decode_kernel, _decode, lambda t: (triton.cdiv(N, t["BN"]), M),
+                [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], **common)
         return y
-    t = _tiles(M, N)
-    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
-    _forward_kernel[grid](x, *wargs, *lora, bias if bias is not None else x, y, M, N, K, R, float(scaling),
-                          **common, **_dot_flags(x.dtype), **t)
+    _launch(_forward_kernel, _forward, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),),
+            [x, *wargs, *lora, bias_arg, y, M, N, K, R, float(scaling), _bucket(M)], **common,
+            **_dot_flags(x.dtype))
     return y
 
 
@@ -259,10 +289,8 @@ def input_grad(dy: Tensor, packed: dict[str, Tensor], K: int, blocksize: int, *,
     R = A.shape[0] if has_lora else 0
     lora = [ga.contiguous(), A.contiguous()] if has_lora else [dy, dy]
     keep_arg = keep.view(torch.uint8) if keep is not None else dy
-    t = _tiles(M, K)
-    t["BK"], t["BN"] = t["BN"], t["BK"]  # the output tile runs along K here, the reduction along N
-    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),)
-    _input_grad_kernel[grid](dy, *wargs, *lora, keep_arg, dx, M, N, K, R, 1.0 / (1.0 - p) if keep is not None else 1.0,
-                             BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=keep is not None,
-                             BR=_rank_block(R), **_dot_flags(dy.dtype), **t)
+    _launch(_input_grad_kernel, _input_grad, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),),
+            [dy, *wargs, *lora, keep_arg, dx, M, N, K, R, 1.0 / (1.0 - p) if keep is not None else 1.0, _bucket(M)],
+            BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=keep is not None, BR=_rank_block(R),
+            **_dot_flags(dy.dtype))
     return dx

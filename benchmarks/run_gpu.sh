@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU figure of benchmarks/RESULTS.md in one command, on one CUDA machine, from the repository root:
+#
+#     bash benchmarks/run_gpu.sh [OUT_DIR]          # default OUT_DIR: bench-gpu
+#
+# Needs the package installed with its test extra (PEFT) and a CUDA build of torch (triton comes with it).
+# Writes OUT_DIR/*.txt (the printed tables) and OUT_DIR/*.json; takes about an hour on an H100, most of it
+# writing and loading the random-weight Llama-3.1-8B (16 GB) for both sides.
+set -euo pipefail
+out=${1:-bench-gpu}
+py=${PYTHON:-python}
+mkdir -p "$out"
+run() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.txt"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import torch, triton, bitsandbytes, transformers, peft, platform; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, bitsandbytes {bitsandbytes.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}')"
+} | tee "$out/machine.txt"
+
+# layers: nf4 / fp4 / int8 / nf4 through bitsandbytes, fwd+bwd at 8k tokens and 1-token decode, vs dense bf16
+run layer $py benchmarks/bench_layer.py --decode --json "$out/layer.json"
+# whole training steps against PEFT + bitsandbytes: seq 2048, r=16, all linear layers, checkpointing on both
+run train-llama-3.2-1b $py benchmarks/bench_train.py --model examples/configs/llama-3.2-1b.json \
+    --seq-len 2048 --batch-size 4 --gradient-checkpointing --json "$out/train-llama-3.2-1b.json"
+run train-llama-3.1-8b $py benchmarks/bench_train.py --model examples/configs/llama-3.1-8b.json \
+    --seq-len 2048 --batch-size 1 --gradient-checkpointing --json "$out/train-llama-3.1-8b.json"
+run train-quickstart $py benchmarks/bench_train.py --json "$out/train-quickstart.json"
+# peak memory against PEFT, and the estimator against the measurement
+run memory $py benchmarks/bench_memory.py --device cuda --model examples/configs/llama-3.2-1b.json \
+    --sweep seq-len=1024,2048,4096 --sweep gradient-checkpointing=false,true --json "$out/memory.json"
+run memory-estimate qlora-kit memory --model examples/configs/llama-3.2-1b.json --measure \
+    --sweep seq-len=1024,2048,4096 --sweep gradient-checkpointing=false,true \
+    --csv "$out/memory.csv" --plot "$out/memory.png"
+echo "results in $out/"
