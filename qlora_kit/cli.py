@@ -379,15 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import RankFailure
     from .train import TrainingDiverged
 
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank fails alike: rank 0 says why
     try:
         args.func(args)
-    except TrainingDiverged as e:
+    except RankFailure as e:  # always said: which rank lost contact is the point
         print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDiverged as e:
+        if not quiet:
+            print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qlora-kit {args.command}: interrupted", file=sys.stderr)

@@ -189,6 +189,9 @@ class TrainConfig:
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
     device: str = _opt("auto", "cpu, cuda, or auto")
     cache_dir: str | None = _opt(None, "cache for converted models and data (default ~/.cache/qlora-kit)")
+    fsdp: bool = _opt(False, "under torchrun: shard the frozen base over the ranks with FSDP2 (else data-parallel)")
+    dist_timeout: float = _opt(600.0, "under torchrun: seconds a collective waits for the other ranks before "
+                                      "the job stops")
 
     def __post_init__(self) -> None:
         check_rank(self.rank, "rank")
@@ -203,6 +206,8 @@ class TrainConfig:
             raise ValueError(f"keep-checkpoints {self.keep_checkpoints} must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr {self.lr} must be > 0")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist-timeout {self.dist_timeout} must be > 0 seconds")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval-fraction {self.eval_fraction} must be in [0, 1)")
         if self.quant not in QUANT_FORMATS:

@@ -111,6 +111,7 @@ class QuantLinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Identity()
         self.r, self.lora_alpha, self.scaling, self.rslora = 0, 0.0, 0.0, False
         self.lora_enabled = True
+        self.packed_as_parameters = False  # see make_packed_parameters
 
     @classmethod
     def from_dense(cls, weight: Tensor, cfg: QuantConfig, bias: Tensor | None = None,
@@ -125,20 +126,37 @@ class QuantLinear(nn.Module):
         return {key: getattr(self, name) for key, name in self._packed_names}
 
     def packed_versions(self) -> tuple[int, ...]:
+        if self.packed_as_parameters:  # FSDP2 refills the gathered tensors for every use: nothing to compare
+            return ()
         return tuple(getattr(self, name)._version for _, name in self._packed_names)
+
+    SHARDED = ("weight", "weight_absmax", "weight_scb")  # the packed tensors that grow with the layer
+
+    def make_packed_parameters(self) -> None:
+        """Turn the large packed buffers (codes and per-block scales) into frozen parameters, so that FSDP2
+        can shard them; names, values and state-dict keys stay the same."""
+        for name in self.SHARDED:
+            if name in self._buffers:
+                t = self._buffers.pop(name)
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        self.packed_as_parameters = True
 
     def _apply(self, fn, recurse: bool = True):
         # `.to(device)` moves everything; a dtype cast (`.half()`, `.to(torch.bfloat16)`) must not
         # touch the packed codes and their fp32 scales (it would corrupt them), nor the LoRA factors
         # (their dtype is the adapter dtype). It changes the compute dtype instead.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
-        packed = {} if self.fmt == "none" else {n: self._buffers.pop(n) for _, n in self._packed_names}
+        packed = {} if self.fmt == "none" else {
+            n: self._buffers.pop(n) if n in self._buffers else self._parameters.pop(n) for _, n in self._packed_names}
         lora = {n: self._parameters.pop(n) for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None}
         try:
             super()._apply(fn, recurse)
         finally:
             for name, t in packed.items():
-                self._buffers[name] = t.to(probe.device)
+                if isinstance(t, nn.Parameter):
+                    self._parameters[name] = nn.Parameter(t.data.to(probe.device), requires_grad=False)
+                else:
+                    self._buffers[name] = t.to(probe.device)
             for name, p in lora.items():
                 p.data = p.data.to(probe.device)  # same Parameter object: optimizers keep their reference
                 self._parameters[name] = p

@@ -98,6 +98,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None
     when the model allows it (`fused_loss_supported`); otherwise the model's own forward."""
     if not fused_loss_supported(model):
         return model(**batch).loss
+    if hasattr(model, "qlora_fused_loss"):  # sharded by FSDP2: the same, inside the root's gather hooks
+        return model.qlora_fused_loss(batch, chunk)
+    return fused_causal_lm_loss(model, batch, chunk)
+
+
+def fused_causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None = None) -> Tensor:
+    """causal_lm_loss's fused path: the decoder, then head and cross-entropy in chunks."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = decoder_of(model)(**inputs, use_cache=False)[0]  # (batch, seq, h)

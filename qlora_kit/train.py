@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import defaults
+from . import distributed as dist
 from .adapters import load_adapter, write_adapter_files
 from .config import TrainConfig, one_line
 from .data import IGNORE, Sequences, load_dataset, micro_batch, pad_id
@@ -38,7 +39,7 @@ from .patch import add_lora, enable_checkpointing, lora_layers, parameter_report
 
 # Settings that may differ between a run and its resume without changing the result.
 RESUME_FREE = {"resume", "out", "device", "cache_dir", "save_every", "keep_checkpoints", "eval_every",
-               "sample_tokens"}
+               "sample_tokens", "dist_timeout"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,13 +140,25 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
           _on_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
-    """Run (or resume) a training run as described by cfg.
+    """Run (or resume) a training run as described by cfg; under torchrun, one rank of it.
 
     Raises:
         ValueError, FileNotFoundError: bad settings or input, before any training.
         TrainingDiverged: the loss became NaN/inf; the last good checkpoint stays.
+        distributed.RankFailure: under torchrun, another rank died or stopped answering.
     """
-    device = resolve_device(cfg.device)
+    ctx, device = dist.setup(resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        return _train(cfg, ctx, device, log if ctx.is_main else (lambda _: None), progress and ctx.is_main, _on_step)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: dist.Context, device: str, log: Callable[[str], None], progress: bool,
+           _on_step: Callable[[int, nn.Module], None] | None) -> TrainResult:
+    if cfg.fsdp and not ctx.enabled:
+        raise ValueError("--fsdp shards the model over the ranks of a torchrun launch: run it under "
+                         "`torchrun --nproc-per-node N` with N >= 2")
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     start_step, ckpt = 0, None
@@ -156,44 +169,61 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             log(f"no checkpoint in {ckpt_dir} yet: starting the run from the beginning")
     elif ckpt_dir.exists() and any(ckpt_dir.glob("step-*")):
         raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+    dist.check_same(ctx, int(ckpt.name.split("-")[1]) if ckpt else 0, "the checkpoint to resume from")
 
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.quant, cfg.compute_dtype, device, cfg.double_quant,
-                                          cfg.blocksize, cfg.cache_dir)
+    # Under FSDP each rank builds the quantized model in host memory and shards it onto its device.
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.quant, resolve_compute_dtype(cfg.compute_dtype, device),
+                                          "cpu" if cfg.fsdp else device, cfg.double_quant, cfg.blocksize,
+                                          cfg.cache_dir)
     data_path = defaults.resolve_data(cfg.data, cfg.cache_dir)
     check_seq_len(model, cfg.seq_len)
     train_set, eval_set = load_dataset(data_path, tok, cfg.seq_len, cfg.packing, cfg.eval_fraction,
                                        cfg.eval_data, cfg.seed)
-    if len(train_set) < cfg.batch_size:
+    global_batch = cfg.batch_size * ctx.world_size
+    if len(train_set) < global_batch:
         raise ValueError(f"{data_path}: {len(train_set)} training sequences of {cfg.seq_len} tokens, fewer than "
-                         f"one batch of {cfg.batch_size}")
+                         f"one batch of {cfg.batch_size}" + (f" x {ctx.world_size} ranks" if ctx.enabled else ""))
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.target_spec(), rslora=cfg.rslora)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.fsdp:
+        model = dist.shard_model(model, ctx, device)
+    if ctx.rank > 0:  # the same LoRA init everywhere, then each rank its own dropout masks
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)
     params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     state = {"ppl_before": None, "sample_before": None}
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, model, opt, sched)
+        state = restore_checkpoint(ckpt, model, opt, sched, ctx)
         start_step = state["step"]
-        _truncate_metrics(out / "metrics.jsonl", start_step, final=start_step == cfg.steps)
+        if ctx.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start_step, final=start_step == cfg.steps)
         log(f"resumed from {ckpt} at step {start_step}")
-    else:
+    elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    append = _append if ctx.is_main else (lambda path, row: None)
 
     log(parameter_report(model))
+    if ctx.enabled:
+        log(f"{ctx.world_size} ranks ({'FSDP2-sharded base' if cfg.fsdp else 'data-parallel'}, "
+            f"{torch.distributed.get_backend()}): global batch {cfg.batch_size} per rank x {ctx.world_size} ranks "
+            f"x {cfg.grad_accum} accumulation = {global_batch * cfg.grad_accum} sequences "
+            f"({global_batch * cfg.grad_accum * cfg.seq_len:,} tokens) per step")
     prompt = eval_set.input_ids[0, :24] if eval_set is not None else train_set.input_ids[0, :24]
+    # Evaluation and sampling run on every rank (the same rows, the same result): under FSDP every rank
+    # must take part in each forward anyway.
     if ckpt is None and eval_set is not None:
         state["ppl_before"] = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
         log(f"held-out perplexity before training: {state['ppl_before']:.2f} "
             f"({min(len(eval_set), cfg.eval_sequences or len(eval_set))} sequences of {cfg.seq_len} tokens)")
-        _append(out / "metrics.jsonl", {"step": 0, "eval_ppl": state["ppl_before"]})
+        append(out / "metrics.jsonl", {"step": 0, "eval_ppl": state["ppl_before"]})
     if ckpt is None and cfg.sample_tokens:
         state["sample_before"] = sample(model, tok, prompt, cfg.sample_tokens)
         log(f"sample before training:\n  prompt: {tok.decode(prompt)!r}\n  reply:  {state['sample_before']!r}")
@@ -207,17 +237,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            batch = micro_batch(train_set, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            # the global micro-batch is a function of the step alone; each rank takes its rows of it
+            batch = micro_batch(train_set, (step - 1) * cfg.grad_accum + micro, global_batch, cfg.seed)
+            batch = {k: v.to(device) for k, v in dist.rank_slice(ctx, batch).items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 loss = causal_lm_loss(model, batch)
+            loss, weight = _global_mean(ctx, loss, batch)
             if not torch.isfinite(loss):
                 last = latest_checkpoint(ckpt_dir)
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step} (micro-batch {micro + 1}); "
                                        f"stopped. Last good checkpoint: {last or 'none'}")
-            (loss / cfg.grad_accum).backward()
+            (weight / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
+        dist.average_gradients(ctx, params)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                      else torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None)))
         if not torch.isfinite(grad_norm):
@@ -229,34 +262,54 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         row = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
-               "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 3), "mem_mb": round(_memory_mb(device), 1)}
-        _append(out / "metrics.jsonl", row)
+               "tokens_per_s": round(tokens * ctx.world_size / dt, 1), "step_s": round(dt, 3),
+               "mem_mb": round(_memory_mb(device), 1)}
+        append(out / "metrics.jsonl", row)
         bar(step, row)
         if _on_step is not None:
             _on_step(step, model)
         if cfg.eval_every and step % cfg.eval_every == 0 and eval_set is not None and step < cfg.steps:
             ppl = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
-            _append(out / "metrics.jsonl", {"step": step, "eval_ppl": ppl})
+            append(out / "metrics.jsonl", {"step": step, "eval_ppl": ppl})
             log(f"step {step}: held-out perplexity {ppl:.2f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(ckpt_dir, step, model, opt, sched, state, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, model, opt, sched, state, cfg.keep_checkpoints, ctx)
     bar(None, None)
 
     result = TrainResult(adapter=out / "adapter", steps=step, ppl_before=state.get("ppl_before"),
                          ppl_after=None, sample_before=state.get("sample_before"))
     if eval_set is not None:
         result.ppl_after = perplexity(model, eval_set, cfg.batch_size, cfg.eval_sequences)
-        _append(out / "metrics.jsonl", {"step": step, "eval_ppl": result.ppl_after})
+        append(out / "metrics.jsonl", {"step": step, "eval_ppl": result.ppl_after})
         before = f"{result.ppl_before:.2f} -> " if result.ppl_before else ""
         log(f"held-out perplexity after training: {before}{result.ppl_after:.2f}")
     if cfg.sample_tokens:
         result.sample_after = sample(model, tok, prompt, cfg.sample_tokens)
         log(f"sample after training:\n  prompt: {tok.decode(prompt)!r}\n  reply:  {result.sample_after!r}")
-    with atomic_dir(result.adapter) as tmp:
-        write_adapter_files(model, tmp, str(defaults.model_folder(cfg.model, cfg.cache_dir)))
+    if ctx.is_main:  # the LoRA factors are whole and equal on every rank
+        with atomic_dir(result.adapter) as tmp:
+            write_adapter_files(model, tmp, str(defaults.model_folder(cfg.model, cfg.cache_dir)))
+    dist.barrier(ctx, "waiting for rank 0 to write the adapter")
     trainable, total = trainable_parameters(model)
     log(f"adapter ({trainable:,} trainable parameters) saved to {result.adapter}")
     return result
+
+
+def _global_mean(ctx: dist.Context, loss: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss over the labelled tokens of the global micro-batch, what this rank back-propagates).
+
+    Each rank's loss is its own token mean; weighting it by its share of the global token count makes the
+    averaged gradients those of the mean over every token of every rank, whatever each rank holds.
+    """
+    if not ctx.enabled:
+        return loss, loss
+    n = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float64)
+    mine = loss.detach().to(torch.float64) * n if n > 0 else torch.zeros((), dtype=torch.float64, device=n.device)
+    totals = dist.all_reduce_sum(ctx, torch.stack([mine, n]), "the loss all-reduce")
+    if totals[1] == 0:  # no labelled token anywhere: nothing to learn from this micro-batch
+        return torch.zeros((), device=loss.device), loss.nan_to_num(0.0) * 0
+    weight = loss * (n * ctx.world_size / totals[1]).to(loss.dtype) if n > 0 else loss.nan_to_num(0.0) * 0
+    return (totals[0] / totals[1]).to(torch.float32), weight
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -267,18 +320,29 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt, sched, state: dict, keep: int) -> Path:
-    """Adapter, optimizer, scheduler and RNG states in one folder that appears atomically."""
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt, sched, state: dict, keep: int,
+                    ctx: dist.Context = dist.SINGLE) -> Path:
+    """Adapter, optimizer, scheduler and RNG states in one folder that appears atomically.
+
+    Under torchrun rank 0 writes it (adapter and optimizer are the same on every rank) with every rank's
+    RNG state, and the others wait until it is complete.
+    """
+    path = ckpt_dir / f"step-{step:06d}"
+    rng = dist.gather_objects(ctx, torch.get_rng_state())
+    if not ctx.is_main:
+        dist.barrier(ctx, f"waiting for rank 0 to write {path}")
+        return path
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".step-*"):  # leftovers of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    path = ckpt_dir / f"step-{step:06d}"
-    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    tensors: dict[str, torch.Tensor] = {"rng/torch": rng[0]}
+    tensors.update({f"rng/torch.rank{r}": t for r, t in enumerate(rng) if r > 0})
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda{i}"] = s
     meta = {
         "step": step,
+        "world_size": ctx.world_size,
         "optimizer": _flatten(opt.state_dict(), "opt", tensors),
         "scheduler": sched.state_dict(),
         "python_rng": _jsonable(random.getstate()),
@@ -291,19 +355,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, opt, sched, sta
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
     for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(ctx, f"writing {path}")
     return path
 
 
-def restore_checkpoint(path: Path, model: nn.Module, opt, sched) -> dict:
+def restore_checkpoint(path: Path, model: nn.Module, opt, sched, ctx: dist.Context = dist.SINGLE) -> dict:
     try:
         meta = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "trainer_state.safetensors"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: checkpoint cannot be read ({one_line(e)})") from None
+    saved_world = meta.get("world_size", 1)
+    if saved_world != ctx.world_size:
+        raise ValueError(f"{path}: written by a run on {saved_world} rank(s), resumed on {ctx.world_size}; "
+                         f"resume with the same number of processes")
     load_adapter(model, path)
     opt.load_state_dict(_unflatten(meta["optimizer"], tensors))
     sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng/torch"])
+    torch.set_rng_state(tensors["rng/torch" if ctx.rank == 0 else f"rng/torch.rank{ctx.rank}"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
