@@ -175,6 +175,8 @@ def _memory(args: argparse.Namespace) -> None:
         device = "cpu" if args.device == "cpu" else "cuda"
     if args.fit and (args.sweep or args.measure):
         raise ValueError("--fit answers from the estimate alone: use it without --sweep and --measure")
+    if args.measure and (args.ranks > 1 or cfg.fsdp):
+        raise ValueError("--measure runs one process: per-rank figures (--ranks, --fsdp) are estimates only")
     if args.sweep:  # fail before any work when the CSV cannot be written
         csv_dir = Path(args.csv).resolve().parent
         if not csv_dir.is_dir():
@@ -190,7 +192,8 @@ def _memory(args: argparse.Namespace) -> None:
     out: dict = {}
     if args.sweep:
         axes = memory.parse_sweep(args.sweep)
-        rows = memory.sweep(cfg, axes, device, args.measure, log=(lambda _: None) if args.json else print)
+        rows = memory.sweep(cfg, axes, device, args.measure, log=(lambda _: None) if args.json else print,
+                            ranks=args.ranks)
         memory.write_csv(rows, args.csv)
         if args.plot:
             memory.write_plot(rows, axes, args.plot)
@@ -200,14 +203,14 @@ def _memory(args: argparse.Namespace) -> None:
     elif args.fit:
         what = args.fit_for.replace("-", "_")
         reserve = memory.parse_size(args.reserve, allow_zero=True) if args.reserve is not None else None
-        res = memory.fit(cfg, memory.parse_size(args.fit), device, what, reserve, config)
+        res = memory.fit(cfg, memory.parse_size(args.fit), device, what, reserve, config, ranks=args.ranks)
         out = {"fit": {"what": res.what, "budget": res.budget, "reserve": res.reserve, "best": res.best,
                        "alternatives": res.alternatives},
                "estimate": res.report.to_json() if res.report else None}
         if not args.json:
             print(memory.format_fit(res))
     else:
-        est = memory.estimate(cfg, device, config)
+        est = memory.estimate(cfg, device, config, ranks=args.ranks)
         meas = None
         if args.measure:
             memory.check_measurable(est)
@@ -344,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--device", default="auto",
                      help="what to plan for: cuda or cpu (default: cuda; with --measure, the device measured on)")
     add_dataclass_flags(mem, only=set(MEMORY_FIELDS))
+    mem.add_argument("--ranks", type=int, default=1, metavar="N",
+                     help="per-GPU memory of one rank of a torchrun launch with N processes (--batch-size is per "
+                          "rank); with --fsdp the base is sharded over them")
     mem.add_argument("--measure", action="store_true", help="also run real training steps (random weights) and "
                                                             "show the measured peak next to the estimate")
     mem.add_argument("--measure-steps", type=int, default=1, help="optimizer steps measured, after one warm-up "

@@ -59,7 +59,7 @@ from .loss import causal_lm_loss
 from .train import check_seq_len, resolve_device
 
 CATEGORIES = (
-    "quantized weights", "unquantized weights", "LoRA parameters", "LoRA gradients", "optimizer state",
+    "quantized weights", "unquantized weights", "FSDP gathered weights", "LoRA parameters", "LoRA gradients", "optimizer state",
     "activations", "logits & loss", "backward temporaries", "optimizer temporaries", "CUDA workspace",
 )
 STATIC = ("quantized weights", "unquantized weights", "LoRA parameters")
@@ -70,7 +70,7 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for tensors with few
 
 # The training settings that change memory (the `qlora-kit memory` flags shared with `train`).
 MEMORY_FIELDS = ("quant", "double_quant", "blocksize", "compute_dtype", "rank", "dropout", "targets", "seq_len",
-                 "batch_size", "grad_accum", "optimizer", "gradient_checkpointing", "cache_dir")
+                 "batch_size", "grad_accum", "optimizer", "gradient_checkpointing", "fsdp", "cache_dir")
 SWEEP_KEYS = {"rank": int, "seq-len": int, "batch-size": int, "quant": str, "optimizer": str,
               "gradient-checkpointing": lambda v: _bool(v), "double-quant": lambda v: _bool(v)}
 
@@ -640,11 +640,19 @@ def _saved_at_head(model: nn.Module, tracker: LiveTensors, saved: dict):
     return _decoder(model).register_forward_hook(hook)
 
 
-def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool = True) -> MemoryReport:
+def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool = True,
+             ranks: int = 1) -> MemoryReport:
     """Peak memory of training with `cfg` on `device` ('cuda' or 'cpu'), from the model's config alone.
 
     With `compare`, the same is also simulated with checkpointing switched the other way, for `sizes`.
+    With `ranks` > 1 the figure is one rank's of a torchrun launch (batch_size is per rank): the same as one
+    process for data-parallel training; with cfg.fsdp the weights are each rank's share plus what FSDP2
+    gathers (see `_fsdp_weights`).
     """
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"--ranks {ranks!r} must be an integer >= 1")
+    if cfg.fsdp and ranks < 2:
+        raise ValueError("--fsdp shards the model over ranks: give --ranks N with N >= 2")
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     config = config or read_model_config(cfg.model, cfg.cache_dir)
     check_seq_len(config, cfg.seq_len)
@@ -660,6 +668,22 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
         components["optimizer state"] = 0
         notes.append(f"paged optimizer state ({_fmt(paged)}) lives in CUDA managed memory, outside torch's "
                      "allocator and this total; it moves to CPU memory under pressure")
+    fsdp_change = 0  # what sharding changes in the peak, also for the comparison run below
+    if cfg.fsdp:
+        shared, gathered = _fsdp_weights(model, ranks)
+        weights = components.get("quantized weights", 0) + components.get("unquantized weights", 0)
+        for cat in ("quantized weights", "unquantized weights"):
+            components[cat] = -(-components.get(cat, 0) // ranks)
+        components["FSDP gathered weights"] = gathered
+        fsdp_change = components["quantized weights"] + components["unquantized weights"] + gathered - weights
+        notes.append(f"FSDP2 over {ranks} ranks: each holds 1/{ranks} of the {_fmt(weights)} of weights, and "
+                     f"at the peak the gathered root (head, final norm{', tied embedding' if shared else ''}) and "
+                     "two decoder layers plus one layer's all-gather buffer; LoRA factors, gradients and optimizer "
+                     "state are whole on every rank")
+    elif ranks > 1:
+        notes.append(f"data-parallel over {ranks} ranks: every rank holds the whole model and trains its own "
+                     f"batch of {cfg.batch_size}; after backward a flat fp32 copy of the LoRA gradients "
+                     "is all-reduced (outside the peak)")
     sizes = _sizes(model, cfg, tracker, saved)
     if compare:
         other = dataclasses.replace(cfg, gradient_checkpointing=not cfg.gradient_checkpointing)
@@ -667,10 +691,38 @@ def estimate(cfg: TrainConfig, device: str = "cuda", config=None, compare: bool 
         sizes["activations saved by the forward " + ("without" if cfg.gradient_checkpointing else "with")
               + " checkpointing"] = other_saved
         sizes["peak " + ("without" if cfg.gradient_checkpointing else "with") + " checkpointing"] = (
-            other_tracker.peak + components["CUDA workspace"])
-    return MemoryReport(device=device, settings=_settings(cfg, device, model.qlora_quant_config),
-                        model=_model_info(config, model), components=components,
+            other_tracker.peak + components.get("CUDA workspace", 0) + fsdp_change)
+    settings = _settings(cfg, device, model.qlora_quant_config)
+    settings["ranks"] = ranks
+    return MemoryReport(device=device, settings=settings, model=_model_info(config, model), components=components,
                         peak=sum(components.values()), sizes=sizes, notes=notes)
+
+
+def _fsdp_weights(model: nn.Module, ranks: int) -> tuple[bool, int]:
+    """(whether the head is tied to the embedding, the bytes FSDP2 holds gathered at the peak).
+
+    qlora_kit.distributed.shard_model makes each decoder layer, the input embedding (unless tied) and the
+    root (head, final norm) FSDP2 units. The root is gathered from the start of the forward to the end of
+    the backward; decoder layers are gathered one at a time with the next one prefetched, and a gather
+    briefly holds the all-gather buffer next to the unsharded tensors: two layers plus one buffer.
+    """
+    from .loss import decoder_of
+
+    def nbytes(module: nn.Module) -> int:
+        seen, total = set(), 0
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if "lora_" not in name and id(t) not in seen and not name.endswith("inv_freq"):
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    decoder = decoder_of(model)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or []
+    layer = max((nbytes(m) for m in layers), default=0)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embed is not None and embed.weight is head.weight
+    root = nbytes(model) - sum(nbytes(m) for m in layers) - (0 if tied or embed is None else nbytes(embed))
+    return tied, root + 3 * layer
 
 
 def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None, seed: int = 0) -> MemoryReport:
@@ -763,7 +815,7 @@ SWITCHES = (  # what to switch on, in order of what it costs (speed or quality)
 
 
 def fit(cfg: TrainConfig, budget: int, device: str = "cuda", what: str = "seq_len", reserve: int | None = None,
-        config=None) -> FitResult:
+        config=None, ranks: int = 1) -> FitResult:
     """The largest sequence length (or batch size) whose estimated peak fits in `budget` bytes.
 
     `reserve` is memory the budget does not have for tensors (default on CUDA 1 GiB: the CUDA context
@@ -782,7 +834,7 @@ def fit(cfg: TrainConfig, budget: int, device: str = "cuda", what: str = "seq_le
     limit = max_ctx if what == "seq_len" else 2**14
 
     def largest(c: TrainConfig) -> tuple[int | None, MemoryReport | None]:
-        return _largest(c, what, limit, budget - reserve, device, config)
+        return _largest(c, what, limit, budget - reserve, device, config, ranks)
 
     best, report = largest(cfg)
     alternatives = []
@@ -798,7 +850,7 @@ def fit(cfg: TrainConfig, budget: int, device: str = "cuda", what: str = "seq_le
 
 
 def _largest(cfg: TrainConfig, what: str, limit: int, room: int, device: str,
-             config) -> tuple[int | None, MemoryReport | None]:
+             config, ranks: int = 1) -> tuple[int | None, MemoryReport | None]:
     """The largest value of `what` in 1..limit whose estimated peak is at most `room`.
 
     Candidates are 1..63 and then multiples of 64 for a sequence length, every integer for a batch.
@@ -810,7 +862,7 @@ def _largest(cfg: TrainConfig, what: str, limit: int, room: int, device: str,
 
     def peak(v: int) -> int:
         if v not in cache:
-            cache[v] = estimate(dataclasses.replace(cfg, **{what: v}), device, config, compare=False)
+            cache[v] = estimate(dataclasses.replace(cfg, **{what: v}), device, config, compare=False, ranks=ranks)
         return cache[v].total
 
     def snap(v: float) -> int:
@@ -870,7 +922,7 @@ def parse_sweep(items: list[str]) -> dict[str, list]:
 
 
 def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_measure: bool = False,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print, ranks: int = 1) -> list[dict]:
     """Estimate (and measure) every combination of the swept settings; one row per combination."""
     config = read_model_config(cfg.model, cfg.cache_dir)
     rows = []
@@ -881,7 +933,7 @@ def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_meas
             c = dataclasses.replace(cfg, **dict(zip(keys, values, strict=True)))
             if c.optimizer not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {c.optimizer!r}")
-            est = estimate(c, device if not do_measure else resolve_device(device), config, compare=False)
+            est = estimate(c, device if not do_measure else resolve_device(device), config, compare=False, ranks=ranks)
         except ValueError as e:
             raise ValueError(f"--sweep point {label}: {e}") from None
         row = {k: v for k, v in zip(keys, values, strict=True)}
@@ -963,7 +1015,9 @@ def format_report(est: MemoryReport, meas: MemoryReport | None = None) -> str:
         f"training: {fmt} weights, {s['compute_dtype']} compute on {est.device}; LoRA r={s['rank']} on "
         f"{m['lora_layers']} layers ({m['lora_params']:,} parameters); batch {s['batch_size']} x seq {s['seq_len']}"
         + (f" x accum {s['grad_accum']}" if s["grad_accum"] > 1 else "")
-        + f"; {s['optimizer']}; checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+        + f"; {s['optimizer']}; checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        + (f"; one of {s['ranks']} ranks ({'FSDP2' if s.get('fsdp') else 'data-parallel'})"
+           if s.get("ranks", 1) > 1 else ""),
         "",
         f"  {'':24}{'estimate':>12}" + (f"{'measured':>12}{'diff':>8}" if meas else ""),
     ]

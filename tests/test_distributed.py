@@ -139,3 +139,65 @@ def test_a_failing_rank_takes_the_job_down(run_model, text_file, tmp_path, mode)
     if mode == "hang":
         assert "rank 0: the gradient all-reduce failed" in proc.stderr or "rank 0: the loss all-reduce failed" \
             in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- per-GPU memory for N ranks -------------------------------------------------------------------
+
+def test_estimate_per_rank_under_fsdp_is_the_share_plus_what_is_gathered(model_dirs):
+    """Against first principles on a loaded model: each rank keeps ceil(1/N) of the quantized and of the
+    16-bit weights; gathered at the peak are the root's tensors (head, final norm) and three decoder layers'
+    worth (two gathered, one all-gather buffer)."""
+    from qlora_kit import memory
+    from qlora_kit.layers import QuantLinear
+    from qlora_kit.loading import load_quantized
+
+    folder = model_dirs["mistral"]  # untied head: the embedding is its own FSDP unit
+    cfg = TrainConfig(model=str(folder), quant="nf4", rank=4, seq_len=16, batch_size=2, gradient_checkpointing=True)
+    single = memory.estimate(cfg, "cuda", compare=False)
+    model = load_quantized(folder, "nf4", torch.bfloat16)
+
+    def nbytes(module):
+        tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    layer = max(nbytes(m) for m in model.model.layers)
+    root = nbytes(model.lm_head) + nbytes(model.model.norm)
+    for n in (2, 4):
+        est = memory.estimate(TrainConfig(**{**dataclasses.asdict(cfg), "fsdp": True}), "cuda", compare=False, ranks=n)
+        for cat in ("quantized weights", "unquantized weights"):
+            assert est.components[cat] == -(-single.components[cat] // n), cat
+        assert est.components["FSDP gathered weights"] == root + 3 * layer
+        for cat in ("LoRA parameters", "optimizer state", "activations"):  # replicated / per rank: unchanged
+            assert est.components[cat] == single.components[cat], cat
+        assert est.settings["ranks"] == n and "FSDP2 over" in " ".join(est.notes)
+    qlayer = sum(m.in_features * m.out_features for m in model.model.layers[0].modules() if isinstance(m, QuantLinear))
+    assert layer > qlayer / 2  # a layer's gathered bytes are at least its 4-bit codes
+
+
+def test_estimate_for_data_parallel_ranks_is_the_single_process_figure(model_dirs):
+    from qlora_kit import memory
+
+    cfg = TrainConfig(model=str(model_dirs["llama"]), rank=4, seq_len=16, batch_size=2)
+    one, four = memory.estimate(cfg, "cuda", compare=False), memory.estimate(cfg, "cuda", compare=False, ranks=4)
+    assert one.components == four.components and "data-parallel over 4 ranks" in " ".join(four.notes)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--fsdp"], "give --ranks N with N >= 2"),
+    (["--ranks", "0"], "--ranks 0 must be an integer >= 1"),
+    (["--ranks", "2", "--measure"], "--measure runs one process"),
+])
+def test_memory_cli_rank_errors(model_dirs, capsys, args, match):
+    from qlora_kit.cli import main
+
+    assert main(["memory", "--model", str(model_dirs["llama"] / "config.json"), *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.strip().count("\n") == 0
+
+
+def test_memory_cli_reports_one_rank_of_an_fsdp_launch(model_dirs, capsys):
+    from qlora_kit.cli import main
+
+    assert main(["memory", "--model", str(model_dirs["llama"] / "config.json"), "--fsdp", "--ranks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "one of 4 ranks (FSDP2)" in out and "FSDP gathered weights" in out

@@ -117,6 +117,17 @@ def test_decode_kernel_matches_float64(fmt, double_quant, dtype, rows):
     assert rel_err(plain, x.double() @ w32.t()) < TOL[dtype]
 
 
+def test_odd_width_never_takes_the_decode_kernel():
+    """With an odd K rows do not start on a byte boundary: the tiled kernel serves even a single row."""
+    n, k = 64, 33
+    g = torch.Generator().manual_seed(0)
+    packed = formats.quantize(torch.randn(n, k, generator=g), QuantConfig(quant="nf4", blocksize=64))
+    packed = {key: t.to(DEVICE) for key, t in packed.items()}
+    w = formats.dequantize(packed, "nf4", (n, k), 64, torch.float32).double()
+    x = rand(1, k)
+    assert rel_err(fourbit.forward(x, packed, n, 64, decode=True), x.double() @ w.t()) < TOL[torch.float32]
+
+
 def test_decode_is_the_default_for_few_rows_and_agrees_with_the_tiled_kernel():
     packed, _ = packed_weight("nf4", True, torch.float32)
     x = rand(fourbit.DECODE_ROWS, K)
@@ -151,7 +162,10 @@ def run(layer, x, grad_out, kernel_mode, monkeypatch, seed=7):
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("r,dropout,bias", [(4, 0.0, True), (8, 0.1, False), (3, 0.3, True)])
-def test_layer_through_kernels_equals_reference_path(fmt, dtype, r, dropout, bias, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "decoded+addmm"])
+def test_layer_through_kernels_equals_reference_path(fmt, dtype, r, dropout, bias, fused, monkeypatch):
+    if not fused:  # rows above the fused kernels' limit: a transient decoded weight and addmm
+        monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 4)
     layer = make_layer(fmt, dtype, r, dropout, bias)
     x, grad_out = rand(2, 9, K, dtype=dtype), rand(2, 9, N, dtype=dtype, seed=2)
     got = run(layer, x, grad_out, "triton", monkeypatch)

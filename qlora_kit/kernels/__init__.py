@@ -18,6 +18,12 @@ from torch import Tensor
 
 MODES = ("auto", "triton", "off")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Up to this many rows (tokens) the fused kernels run: decode and small batches, where reading the weight is
+# the cost. Above it the weight is decoded once per call into a transient 16-bit matrix (bitsandbytes'
+# kernel, about 0.1 ms for 4096 x 14336) and the matmuls go to cuBLAS, with the LoRA product and the bias
+# added by addmm into the same output: at thousands of rows the tensor-core GEMM dominates, and decoding
+# per tile would repeat the decode once per row tile.
+FUSED_MAX_ROWS = 256
 
 
 def mode() -> str:
@@ -42,6 +48,8 @@ def use_triton(layer, x: Tensor) -> bool:
         return False
     if layer.compute_dtype not in COMPUTE_DTYPES:
         return False
+    if layer.bias is not None and layer.bias.requires_grad:  # the kernels treat the bias as frozen
+        return False
     m = mode()
     if m == "off" or not (x.is_cuda or m == "triton"):
         return False
@@ -55,13 +63,13 @@ def use_triton(layer, x: Tensor) -> bool:
 
 
 class QuantLoRALinear(torch.autograd.Function):
-    """y = x @ dequant(W).T + scaling * dropout(x) @ A.T @ B.T + bias, with the 4-bit weight decoded
-    inside the matmul tiles in both directions.
+    """y = x @ dequant(W).T + scaling * dropout(x) @ A.T @ B.T + bias, never keeping a 16-bit weight.
 
-    Forward: xa = dropout(x) @ A.T (tokens, r) once, then one kernel for the base matmul with the LoRA
-    product and the bias in its epilogue. Backward: ga = scaling * dy @ B, the factors' gradients from
-    xa and ga, and one kernel for dx = dy @ W + dropout'(ga @ A). Kept for backward: x as it came (shared
-    by every layer that reads it), a 1-byte dropout mask, xa; the weight only as the packed buffers.
+    Forward: xa = dropout(x) @ A.T (tokens, r) once; then, up to FUSED_MAX_ROWS rows, one kernel decodes
+    the 4-bit tiles inside the matmul with the LoRA product and the bias in its epilogue; above it, a
+    transient decoded weight, cuBLAS, and addmm of the LoRA product into the output. Backward: ga =
+    scaling * dy @ B, the factors' gradients from xa and ga, and dx = dy @ W + dropout'(ga @ A) the same two
+    ways. Kept for backward: x as it came (shared by every layer that reads it), a 1-byte dropout mask, xa.
     """
 
     @staticmethod
@@ -70,17 +78,26 @@ class QuantLoRALinear(torch.autograd.Function):
         from . import fourbit
 
         lead, K, N = x.shape[:-1], layer.in_features, layer.out_features
-        x2 = x.reshape(-1, K).to(layer.compute_dtype).contiguous()  # (T, K)
+        cd = layer.compute_dtype
+        x2 = x.reshape(-1, K).to(cd).contiguous()  # (T, K)
         ctx.layer, ctx.versions, ctx.scaling, ctx.p = layer, layer.packed_versions(), scaling, p
+        ctx.fused = x2.shape[0] <= FUSED_MAX_ROWS
         keep = xa = None
         if A is not None:
-            xd = x.reshape(-1, K).to(A.dtype)
+            xd = x2
             if p > 0:
-                keep = torch.rand(xd.shape, device=x.device) >= p
-                xd = xd * keep / (1 - p)
-            xa = xd @ A.t()  # (T, r)
+                keep = torch.rand(x2.shape, device=x.device) >= p
+                xd = x2 * keep / (1 - p)
+            xa = (xd @ A.to(cd).t()).to(A.dtype)  # (T, r)
             del xd
-        y = fourbit.forward(x2, layer.packed(), N, layer.blocksize, xa=xa, B=B, scaling=scaling, bias=layer.bias)
+        if ctx.fused:
+            y = fourbit.forward(x2, layer.packed(), N, layer.blocksize, xa=xa, B=B, scaling=scaling, bias=layer.bias)
+        else:
+            w = layer.dequantize(cd)  # (N, K), freed on return
+            y = x2 @ w.t() if layer.bias is None else torch.addmm(layer.bias.to(cd), x2, w.t())
+            del w
+            if xa is not None:
+                y.addmm_(xa.to(cd), B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(x, keep, xa, A, B)
         return y.reshape(*lead, N)
 
@@ -93,24 +110,30 @@ class QuantLoRALinear(torch.autograd.Function):
         layer = ctx.layer
         if layer.packed_versions() != ctx.versions:
             raise RuntimeError("a frozen base weight was modified in place between forward and backward")
-        K, N = layer.in_features, layer.out_features
-        g2 = grad.reshape(-1, N)  # (T, N)
+        K, N, cd = layer.in_features, layer.out_features, layer.compute_dtype
+        g2 = grad.reshape(-1, N).to(cd).contiguous()  # (T, N)
         grad_A = grad_B = ga = None
         if A is not None:
-            gs = g2.to(A.dtype) * ctx.scaling
-            grad_B = (gs.t() @ xa).to(B.dtype)  # (N, r)
-            ga = gs @ B.to(gs.dtype)  # (T, r)
-            del gs
+            if ctx.needs_input_grad[2]:
+                grad_B = ((g2.t() @ xa.to(cd)).float() * ctx.scaling).to(B.dtype)  # (N, r)
+            ga = (g2 @ B.to(cd)).float() * ctx.scaling  # (T, r)
             if ctx.needs_input_grad[1]:
-                xd = x.reshape(-1, K).to(A.dtype)
+                xd = x.reshape(-1, K).to(cd)
                 if keep is not None:
                     xd = xd * keep / (1 - ctx.p)
-                grad_A = (ga.t() @ xd).to(A.dtype)  # (r, K)
+                grad_A = (ga.to(cd).t() @ xd).to(A.dtype)  # (r, K)
                 del xd
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dx = fourbit.input_grad(g2.to(layer.compute_dtype).contiguous(), layer.packed(), K, layer.blocksize,
-                                    ga=ga, A=A, keep=keep, p=ctx.p)
+            if ctx.fused:
+                dx = fourbit.input_grad(g2, layer.packed(), K, layer.blocksize, ga=ga, A=A, keep=keep, p=ctx.p)
+            else:
+                w = layer.dequantize(cd)
+                dx = g2 @ w
+                del w
+                if ga is not None:
+                    lora = ga.to(cd) @ A.to(cd)  # (T, K)
+                    dx += lora * keep / (1 - ctx.p) if keep is not None else lora
             grad_x = dx.reshape(x.shape).to(x.dtype)
         return grad_x, grad_A, grad_B, None, None, None
 

@@ -34,11 +34,14 @@ _NESTED = tl.constexpr(NESTED_BLOCKSIZE)
 @triton.jit
 def _scale(absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr):
     """The fp32 scale of quantization block `blk` (any shape)."""
+    # one return for both branches: Triton type-checks every return, and uint8 codes are not fp32 scales
     if DOUBLE:
         code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        return tl.load(nested_map_ptr + code) * tl.load(nested_ptr + blk // _NESTED, mask=mask, other=0.0) \
+        scale = tl.load(nested_map_ptr + code) * tl.load(nested_ptr + blk // _NESTED, mask=mask, other=0.0) \
             + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    return scale
 
 
 @triton.jit
@@ -204,9 +207,9 @@ def _rank_block(r: int) -> int:
 # they are picked by Triton's autotuner per (row-count bucket, N, K), from shapes that suit bf16 tensor
 # cores; the same list serves the input-gradient kernel with BN and BK swapped (its output runs along K).
 _INTERPRETER_TILES = dict(BM=16, BN=32, BK=32, GROUP=4)
-_GPU_TILES = [  # (BM, BN, BK, warps, stages)
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
+_GPU_TILES = [  # (BM, BN, BK, warps, stages): the tiled kernels serve up to kernels.FUSED_MAX_ROWS rows
+    (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (64, 128, 64, 8, 2),
+    (128, 64, 64, 4, 3), (128, 128, 64, 8, 2),
 ]
 _DECODE_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (64, 32, 4), (8, 128, 2)]  # (BN, BK2, warps)
 
@@ -227,6 +230,10 @@ _decode = _decode_kernel if INTERPRET else triton.autotune(
 
 
 def _launch(kernel, tuned, grid, args: list, **meta) -> None:
+    if not INTERPRET and args[0].is_cuda:  # Triton launches on the current device: make it the tensors' one
+        with torch.cuda.device(args[0].device):
+            tuned[grid](*args, **meta)
+        return
     if INTERPRET:
         tiles = dict(_INTERPRETER_TILES, BN=16, BK2=32) if kernel is _decode_kernel else dict(_INTERPRETER_TILES)
         tiles = {k: v for k, v in tiles.items() if k in kernel.arg_names}
@@ -250,7 +257,8 @@ def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa:
         packed: the layer's nf4 / fp4 packed form for a weight of shape (N, K).
         xa: (M, r) = dropout(x) @ A.T, and B (N, r): the LoRA branch, or both None.
         bias: (N,) or None.
-        decode: use the decode kernel (default: when M <= DECODE_ROWS).
+        decode: use the decode kernel (default: when M <= DECODE_ROWS; never for an odd K, whose rows do
+            not start on a byte).
         out: an (M, N) buffer to write into (every element is written).
     """
     M, K = x.shape
@@ -262,7 +270,7 @@ def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa:
     common = dict(BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
                   BR=_rank_block(R))
     bias_arg = bias if bias is not None else x
-    if (M <= DECODE_ROWS) if decode is None else decode:
+    if K % 2 == 0 and ((M <= DECODE_ROWS) if decode is None else decode):  # rows must start on a byte
         _launch(_decode_kernel, _decode, lambda t: (triton.cdiv(N, t["BN"]), M),
                 [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], **common)
         return y
