@@ -167,7 +167,7 @@ def shard_model(model: nn.Module, ctx: Context, device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .loss import decoder_of
+    from .loss import decoder_of, fused_causal_lm_loss
 
     lora = {p for m in model.modules() if isinstance(m, QuantLinear) and m.lora_A is not None
             for p in (m.lora_A, m.lora_B)}
@@ -189,12 +189,6 @@ def shard_model(model: nn.Module, ctx: Context, device: str) -> nn.Module:
     fully_shard(model, mesh=mesh, ignored_params=lora)
     # The fused loss calls the decoder and reads the head's weight directly; as a registered forward
     # method it runs inside the root's unshard / reshard hooks like model.forward does.
-    model.qlora_fused_loss = types.MethodType(_fused_loss, model)
+    model.qlora_fused_loss = types.MethodType(fused_causal_lm_loss, model)
     register_fsdp_forward_method(model, "qlora_fused_loss")
     return model
-
-
-def _fused_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None = None) -> Tensor:
-    from .loss import fused_causal_lm_loss
-
-    return fused_causal_lm_loss(model, batch, chunk)

@@ -305,11 +305,12 @@ def _global_mean(ctx: dist.Context, loss: torch.Tensor, batch: dict) -> tuple[to
         return loss, loss
     n = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float64)
     mine = loss.detach().to(torch.float64) * n if n > 0 else torch.zeros((), dtype=torch.float64, device=n.device)
-    totals = dist.all_reduce_sum(ctx, torch.stack([mine, n]), "the loss all-reduce")
-    if totals[1] == 0:  # no labelled token anywhere: nothing to learn from this micro-batch
-        return torch.zeros((), device=loss.device), loss.nan_to_num(0.0) * 0
-    weight = loss * (n * ctx.world_size / totals[1]).to(loss.dtype) if n > 0 else loss.nan_to_num(0.0) * 0
-    return (totals[0] / totals[1]).to(torch.float32), weight
+    total, count = dist.all_reduce_sum(ctx, torch.stack([mine, n]), "the loss all-reduce")
+    if n == 0:  # this rank (or every rank) has no labelled token: it contributes nothing
+        weight = loss.nan_to_num(0.0) * 0
+    else:
+        weight = loss * (n * ctx.world_size / count).to(loss.dtype)
+    return (total / count).to(torch.float32) if count > 0 else torch.zeros((), device=loss.device), weight
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

@@ -56,6 +56,21 @@ def _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
 
 
 @triton.jit
+def _tile(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, other):
+    """The (len(rows), len(cols)) tile ptr[rows[i] * row_stride + cols[j] * col_stride], `other` where a row
+    or column index is past n_rows / n_cols."""
+    offsets = rows[:, None].to(tl.int64) * row_stride + cols[None, :].to(tl.int64) * col_stride
+    return tl.load(ptr + offsets, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=other)
+
+
+@triton.jit
+def _store_tile(ptr, rows, cols, n_rows, n_cols, value):
+    """Write `value` into the row-major (n_rows, n_cols) matrix at `ptr`, inside its bounds."""
+    tl.store(ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :], value,
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
 def _dot(a, b, acc, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
     """acc + a @ b with both operands rounded to DTYPE (the compute dtype) and fp32 accumulation."""
     a = a.to(DTYPE)
@@ -93,22 +108,18 @@ def _forward_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_p
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # (BM, BK)
+        x = _tile(x_ptr, rm, rk, K, 1, M, K, 0.0)  # (BM, BK)
         w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[None, :],
                     rk[:, None], K, (rn[None, :] < N) & (rk[:, None] < K), BLOCKSIZE, DOUBLE)  # (BK, BN)
         acc = _dot(x, w, acc, dtype, DOT_F32, IEEE)
     if HAS_LORA:  # the epilogue: s * (XA @ B.T) on the tile, XA computed once by the caller
         rr = tl.arange(0, BR)
-        xa = tl.load(xa_ptr + rm[:, None].to(tl.int64) * R + rr[None, :],
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # (BM, BR)
-        bt = tl.load(b_ptr + rn[None, :].to(tl.int64) * R + rr[:, None],
-                     mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)  # (BR, BN)
+        xa = _tile(xa_ptr, rm, rr, R, 1, M, R, 0.0)  # (BM, BR)
+        bt = _tile(b_ptr, rr, rn, 1, R, R, N, 0.0)  # (BR, BN): B is (N, R)
         acc += scaling * _dot(xa, bt, tl.zeros((BM, BN), dtype=tl.float32), dtype, DOT_F32, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(dtype),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_tile(y_ptr, rm, rn, M, N, acc.to(dtype))
 
 
 @triton.jit
@@ -125,25 +136,20 @@ def _input_grad_kernel(dy_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_m
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
-        dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * N + rn[None, :],
-                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # (BM, BN)
+        dy = _tile(dy_ptr, rm, rn, N, 1, M, N, 0.0)  # (BM, BN)
         w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[:, None],
                     rk[None, :], K, (rn[:, None] < N) & (rk[None, :] < K), BLOCKSIZE, DOUBLE)  # (BN, BK)
         acc = _dot(dy, w, acc, dtype, DOT_F32, IEEE)
     if HAS_LORA:  # + (GA @ A), through the dropout mask when there is one
         rr = tl.arange(0, BR)
-        ga = tl.load(ga_ptr + rm[:, None].to(tl.int64) * R + rr[None, :],
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # (BM, BR)
-        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :],
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)  # (BR, BK)
+        ga = _tile(ga_ptr, rm, rr, R, 1, M, R, 0.0)  # (BM, BR)
+        a = _tile(a_ptr, rr, rk, K, 1, R, K, 0.0)  # (BR, BK)
         lora = _dot(ga, a, tl.zeros((BM, BK), dtype=tl.float32), dtype, DOT_F32, IEEE)
         if HAS_DROPOUT:
-            keep = tl.load(keep_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
-                           mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+            keep = _tile(keep_ptr, rm, rk, K, 1, M, K, 0)
             lora = lora * (keep.to(tl.float32) * keep_scale)
         acc += lora
-    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dtype),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    _store_tile(dx_ptr, rm, rk, M, K, acc.to(dtype))
 
 
 @triton.jit
@@ -172,8 +178,7 @@ def _decode_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_pt
     if HAS_LORA:
         rr = tl.arange(0, BR)
         xa = tl.load(xa_ptr + m * R + rr, mask=rr < R, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * R + rr[None, :],
-                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(tl.float32)
+        b = _tile(b_ptr, rn, rr, R, 1, N, R, 0.0).to(tl.float32)
         y += scaling * tl.sum(b * xa[None, :], axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -207,6 +212,7 @@ def _rank_block(r: int) -> int:
 # they are picked by Triton's autotuner per (row-count bucket, N, K), from shapes that suit bf16 tensor
 # cores; the same list serves the input-gradient kernel with BN and BK swapped (its output runs along K).
 _INTERPRETER_TILES = dict(BM=16, BN=32, BK=32, GROUP=4)
+_INTERPRETER_DECODE_TILES = dict(BN=16, BK2=32)
 _GPU_TILES = [  # (BM, BN, BK, warps, stages): the tiled kernels serve up to kernels.FUSED_MAX_ROWS rows
     (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (64, 128, 64, 8, 2),
     (128, 64, 64, 4, 3), (128, 128, 64, 8, 2),
@@ -229,17 +235,14 @@ _decode = _decode_kernel if INTERPRET else triton.autotune(
     key=["N", "K", "R"])(_decode_kernel)
 
 
-def _launch(kernel, tuned, grid, args: list, **meta) -> None:
-    if not INTERPRET and args[0].is_cuda:  # Triton launches on the current device: make it the tensors' one
-        with torch.cuda.device(args[0].device):
-            tuned[grid](*args, **meta)
-        return
+def _launch(kernel, grid, args: list, interpreter_tiles: dict, **meta) -> None:
+    """kernel[grid](*args): in the interpreter with its fixed tiles, on a GPU autotuned, on the tensors' device
+    (Triton launches on the current one)."""
     if INTERPRET:
-        tiles = dict(_INTERPRETER_TILES, BN=16, BK2=32) if kernel is _decode_kernel else dict(_INTERPRETER_TILES)
-        tiles = {k: v for k, v in tiles.items() if k in kernel.arg_names}
-        tuned[grid(tiles)](*args, **meta, **tiles)
-    else:
-        tuned[grid](*args, **meta)
+        kernel[grid(interpreter_tiles)](*args, **meta, **interpreter_tiles)
+        return
+    with torch.cuda.device(args[0].device):
+        kernel[grid](*args, **meta)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -271,12 +274,12 @@ def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa:
                   BR=_rank_block(R))
     bias_arg = bias if bias is not None else x
     if K % 2 == 0 and ((M <= DECODE_ROWS) if decode is None else decode):  # rows must start on a byte
-        _launch(_decode_kernel, _decode, lambda t: (triton.cdiv(N, t["BN"]), M),
-                [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], **common)
+        _launch(_decode, lambda t: (triton.cdiv(N, t["BN"]), M),
+                [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], _INTERPRETER_DECODE_TILES, **common)
         return y
-    _launch(_forward_kernel, _forward, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),),
-            [x, *wargs, *lora, bias_arg, y, M, N, K, R, float(scaling), _bucket(M)], **common,
-            **_dot_flags(x.dtype))
+    _launch(_forward, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),),
+            [x, *wargs, *lora, bias_arg, y, M, N, K, R, float(scaling), _bucket(M)], _INTERPRETER_TILES,
+            **common, **_dot_flags(x.dtype))
     return y
 
 
@@ -297,8 +300,9 @@ def input_grad(dy: Tensor, packed: dict[str, Tensor], K: int, blocksize: int, *,
     R = A.shape[0] if has_lora else 0
     lora = [ga.contiguous(), A.contiguous()] if has_lora else [dy, dy]
     keep_arg = keep.view(torch.uint8) if keep is not None else dy
-    _launch(_input_grad_kernel, _input_grad, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),),
+    _launch(_input_grad, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),),
             [dy, *wargs, *lora, keep_arg, dx, M, N, K, R, 1.0 / (1.0 - p) if keep is not None else 1.0, _bucket(M)],
+            _INTERPRETER_TILES,
             BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=keep is not None, BR=_rank_block(R),
             **_dot_flags(dy.dtype))
     return dx
