@@ -9,17 +9,53 @@ so that a layer can register them as buffers and `.to(device)` / `state_dict()` 
               nested_quant_map and offset hold its second level (blocks of 256).
   int8:       weight (int8, (out, in)), scb (float32 row absmax, (out,)).
   none:       weight (compute dtype, (out, in)).
+
+The layout is bitsandbytes' own (its exports and PEFT read it unchanged), and so is every result on
+CUDA. Off CUDA the decode is this module's: bitsandbytes' CPU kernels choose their code path by the
+instruction set, and some of those paths are wrong (4-bit blocks that span two rows decode with the
+next row's scale on AVX512 CPUs) or approximate (bf16 scales). Here one definition holds everywhere:
+
+  weight[i] = value(code[i]) * scale(block of i)        in float32, rounded once to the output dtype
+
+with value() the format's code table (int8: the code itself), scale() the block's absmax (with double
+quantization: nested_quant_map[absmax_code] * nested_absmax[block // 256], then + offset, two float32
+roundings as bitsandbytes' CUDA kernels make them) and, for int8, the row's scb / 127. Blocks run over
+the flattened (out, in) weight, so a block may span two rows.
 """
 
 from __future__ import annotations
 
-import bitsandbytes.functional as bnbF
-import torch
-from torch import Tensor
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator
 
-from .config import QuantConfig
+
+class _DropNotice(logging.Filter):
+    """Drops one known bitsandbytes log message, by its start; everything else it logs still gets through."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# At import on AVX512-BF16 CPUs bitsandbytes warns that the optional `kernels` package (a faster CPU inference
+# GEMM that this package never calls) is missing: nothing for a user to act on. The filter goes on before the
+# import that logs it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNotice("Failed to load CPU gemm_4bit_forward"))
+
+import bitsandbytes.functional as bnbF  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .config import QuantConfig  # noqa: E402
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the second level of double quantization
+DECODE_CHUNK = 1 << 20  # values decoded per step off CUDA: a float32 temporary of 4 MiB, in cache
 
 
 def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
@@ -47,17 +83,38 @@ def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
     src = w.detach().contiguous()
     if src.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         src = src.float()
+    # Off CUDA bitsandbytes' 4-bit quantizer is plain torch (the same on every CPU), but its 8-bit one for
+    # the second level is a native kernel: that level is done here instead (_double_quantize).
+    nested_here = cfg.double_quant and not src.is_cuda
     packed, state = bnbF.quantize_4bit(
-        src, blocksize=cfg.blocksize, quant_type=cfg.quant, compress_statistics=cfg.double_quant
+        src, blocksize=cfg.blocksize, quant_type=cfg.quant, compress_statistics=cfg.double_quant and not nested_here
     )
     out = {"weight": packed, "absmax": state.absmax, "quant_map": state.code}
-    if state.nested:
+    if nested_here:
+        out.update(_double_quantize(state.absmax))
+    elif state.nested:
         out.update(
             nested_absmax=state.state2.absmax,
             nested_quant_map=state.state2.code,
             offset=state.offset.reshape(1).float(),
         )
     return out
+
+
+def _double_quantize(absmax: Tensor) -> dict[str, Tensor]:
+    """QLoRA's second level, as bitsandbytes stores it: absmax - mean, in blocks of 256, to the nearest value
+    of bitsandbytes' signed 8-bit dynamic map (uint8 codes), with a float32 absmax per block."""
+    offset = absmax.mean()
+    centered = absmax - offset
+    n = centered.numel()
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(centered, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, NESTED_BLOCKSIZE)
+    nested_absmax = padded.abs().amax(dim=1)  # (blocks,)
+    scaled = (padded / nested_absmax.clamp_min(1e-38)[:, None]).clamp(-1, 1).flatten()[:n]
+    table = bnbF.create_dynamic_map().float().to(absmax.device)  # 256 values, ascending
+    codes = torch.bucketize(scaled, (table[1:] + table[:-1]) / 2)  # the nearest value (ties to the lower)
+    return {"absmax": codes.to(torch.uint8), "nested_absmax": nested_absmax, "nested_quant_map": table,
+            "offset": offset.reshape(1).float()}
 
 
 def _quant_state(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
@@ -74,12 +131,46 @@ def _quant_state(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], bl
 
 def dequantize(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
                dtype: torch.dtype) -> Tensor:
-    """The dense (out, in) weight in `dtype` that the packed form stands for."""
+    """The dense (out, in) weight in `dtype` that the packed form stands for (the module docstring's
+    definition, exactly, on every device)."""
     if fmt == "none":
         return packed["weight"].to(dtype)
     if fmt == "int8":
-        return bnbF.int8_vectorwise_dequant(packed["weight"], packed["scb"]).to(dtype)
-    return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, fmt, shape, blocksize, dtype))
+        codes = packed["weight"]
+        return _decode(lambda lo, hi: codes.reshape(-1)[lo:hi].float(), block_scales(packed, fmt, shape, blocksize),
+                       shape[1], shape, dtype)
+    if packed["weight"].is_cuda:
+        return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, fmt, shape, blocksize, dtype))
+    return _decode_4bit(packed["weight"], packed["quant_map"], block_scales(packed, fmt, shape, blocksize),
+                        blocksize, shape, dtype)
+
+
+def _decode_4bit(codes: Tensor, table: Tensor, scales: Tensor, blocksize: int, shape, dtype: torch.dtype) -> Tensor:
+    """value(code) * scale for packed 4-bit codes, two a byte, high nibble first."""
+    nib = torch.arange(256, device=codes.device)
+    # both float32 values of every byte value, side by side in one 8-byte word: a byte decodes with one gather
+    pairs = torch.stack([table.float()[nib >> 4], table.float()[nib & 15]], dim=1).contiguous().view(torch.int64)
+    flat = codes.view(torch.uint8).view(-1)
+    return _decode(lambda lo, hi: pairs.view(-1).index_select(0, flat[lo // 2:hi // 2].int()).view(torch.float32),
+                   scales, blocksize, shape, dtype)
+
+
+def _decode(values, scales: Tensor, group: int, shape, dtype: torch.dtype) -> Tensor:
+    """out[i] = values(i) * scales[i // group] in float32, rounded once to `dtype`, a chunk of whole groups at
+    a time; `values(lo, hi)` gives a fresh float32 tensor of the values of the flat range [lo, hi)."""
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=dtype, device=scales.device)
+    step = max(n, 1) if scales.is_cuda else max(1, DECODE_CHUNK // group) * group  # a GPU takes it in one go
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        groups = -(-(hi - lo) // group)
+        v, s = values(lo, hi), scales[lo // group:lo // group + groups, None]  # (hi - lo,), (groups, 1)
+        if dtype == torch.float32 and v.numel() == groups * group:
+            torch.mul(v.view(groups, group), s, out=out[lo:hi].view(groups, group))
+            continue
+        v = nn.functional.pad(v, (0, groups * group - v.numel()))  # a partial last group
+        out[lo:hi].copy_(v.view(groups, group).mul_(s).view(-1)[:hi - lo])  # one rounding, to nearest even
+    return out.view(shape)
 
 
 def int8_mixed_matmul(x: Tensor, packed: dict[str, Tensor], threshold: float, dtype: torch.dtype) -> Tensor:
@@ -91,12 +182,33 @@ def int8_mixed_matmul(x: Tensor, packed: dict[str, Tensor], threshold: float, dt
     """
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     cx, sx, outliers = bnbF.int8_vectorwise_quant(x2.to(torch.float16).contiguous(), threshold=threshold)
-    acc = bnbF.int8_linear_matmul(cx, packed["weight"])  # (N, out) int32
+    acc = _int8_matmul(cx, packed["weight"])  # (N, out) int32
     y = bnbF.int8_mm_dequant(acc, sx, packed["scb"]).to(dtype)
     if outliers is not None and outliers.numel():
-        w_cols = packed["weight"][:, outliers].to(dtype) * (packed["scb"].to(dtype)[:, None] / 127)
+        cols = packed["weight"][:, outliers]  # (out, outlier columns)
+        w_cols = _decode(lambda lo, hi: cols.reshape(-1)[lo:hi].float(), packed["scb"].float() / 127,
+                         cols.shape[1], tuple(cols.shape), dtype)
         y = y + x2[:, outliers].to(dtype) @ w_cols.t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+INT8_EXACT_K = 1024  # columns per float32 matmul in _int8_matmul: 127 * 127 * 1024 < 2**24, every sum exact
+
+
+def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T for int8 (N, K) and (M, K): the exact int32 result.
+
+    bitsandbytes' CPU version depends on the instruction set: torch._int_mm (exact) with AVX512, otherwise one
+    float32 matmul rounded back to int32, inexact once K passes about 1,040. Off CUDA this sums float32
+    matmuls over 1,024 columns at a time, each exact (its partial sums are integers below 2**24), in int32;
+    float64 if torch may lower float32 matmul precision (`torch.set_float32_matmul_precision`)."""
+    if a.is_cuda:
+        return bnbF.int8_linear_matmul(a, b)
+    dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    for k in range(0, a.shape[1], INT8_EXACT_K):
+        acc += (a[:, k:k + INT8_EXACT_K].to(dtype) @ b[:, k:k + INT8_EXACT_K].to(dtype).t()).to(torch.int32)
+    return acc
 
 
 def packed_nbytes(packed: dict[str, Tensor]) -> int:
@@ -126,14 +238,16 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
 
 
 def block_scales(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int) -> Tensor:
-    """The float32 scale of every 4-bit block (the double-quantized absmax decoded), or int8's row scale / 127."""
+    """The float32 scale of every 4-bit block (with double quantization: nested_quant_map[code] times the
+    block's nested absmax, then + offset), or int8's row scale / 127."""
     if fmt == "int8":
         return packed["scb"].float() / 127
     if "nested_absmax" not in packed:
         return packed["absmax"].float()
-    state2 = bnbF.QuantState(absmax=packed["nested_absmax"], code=packed["nested_quant_map"],
-                             blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-    return bnbF.dequantize_blockwise(packed["absmax"], state2).float() + packed["offset"][0]
+    codes = packed["absmax"]
+    return _decode(lambda lo, hi: packed["nested_quant_map"].float()[codes[lo:hi].long()],
+                   packed["nested_absmax"].float(), NESTED_BLOCKSIZE, (1, codes.numel()), torch.float32).view(-1) \
+        + packed["offset"].float()[0]
 
 
 def pack_4bit_codes(codes: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -160,3 +274,56 @@ def bnb_checkpoint_tensors(packed: dict[str, Tensor], fmt: str, shape: tuple[int
     out = {"weight": packed["weight"]}
     out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
     return out
+
+
+# ---- bitsandbytes' own modules, made exact -------------------------------------------------------------
+
+def _bnb_dequantize_4bit(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape, dtype: torch.dtype):
+    return _decode_4bit(A, code_table(quant_type).to(A.device), absmax.float(), blocksize, tuple(shape), dtype)
+
+
+def _bnb_dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype):
+    flat = A.reshape(-1)
+    return _decode(lambda lo, hi: code.float()[flat[lo:hi].long()], absmax.float(), blocksize, tuple(A.shape), dtype)
+
+
+def _bnb_int8_linear_matmul(A: Tensor, B: Tensor) -> Tensor:
+    return _int8_matmul(A.reshape(-1, A.shape[-1]), B).reshape(*A.shape[:-1], B.shape[0])
+
+
+@contextlib.contextmanager
+def exact_bitsandbytes(model: nn.Module | None = None) -> Iterator[None]:
+    """Inside, bitsandbytes' own modules compute on the CPU by this module's definitions.
+
+    Every bitsandbytes `Linear4bit` in `model` is switched off the bf16 repacking that bitsandbytes does on
+    AVX512-BF16 CPUs at its first no-grad evaluation (a per-module switch, `support_avx512bf16_for_cpu`, that
+    stays off after the block; a weight already repacked is refused, its bf16 scales cannot be undone). Until
+    the block ends,
+    bitsandbytes' CPU kernels `dequantize_4bit` and `dequantize_blockwise` (which all its 4-bit matmuls go
+    through) are replaced by this module's decode, and `int8_linear_matmul` by its exact int8 product. Used
+    to score an export as transformers loads it, so that the score does not depend on which CPU computes it.
+    """
+    import bitsandbytes as bnb
+
+    for name, m in model.named_modules() if model is not None else ():
+        if isinstance(m, bnb.nn.Linear4bit):
+            if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise ValueError(f"{name}: bitsandbytes has already repacked this weight with bf16 block scales "
+                                 "(a no-grad evaluation on an AVX512-BF16 CPU), and the exact scales are gone: "
+                                 "load the model again")
+            m.support_avx512bf16_for_cpu = False
+    lib = torch.library.Library("bitsandbytes", "FRAGMENT")
+    with warnings.catch_warnings():  # torch warns, once, that a registered kernel is overridden: that is the point
+        warnings.simplefilter("ignore")
+        lib.impl("dequantize_4bit", _bnb_dequantize_4bit, "CPU")
+        lib.impl("dequantize_blockwise", _bnb_dequantize_blockwise, "CPU")
+        lib.impl("int8_linear_matmul", _bnb_int8_linear_matmul, "CPU")
+    # bitsandbytes' int8 matmul logs, at every call, that 16-bit inputs other than fp16 are cast to fp16
+    cast_notice = _DropNotice("MatMul8bitLt: inputs will be cast")
+    int8_log = logging.getLogger("bitsandbytes.autograd._functions")
+    int8_log.addFilter(cast_notice)
+    try:
+        yield
+    finally:
+        lib._destroy()  # bitsandbytes' own kernels are back
+        int8_log.removeFilter(cast_notice)

@@ -70,6 +70,18 @@ def model_dirs(tmp_path_factory):
     return out
 
 
+def bnb_exact(model):
+    """bitsandbytes' modules in their exact mode: on AVX512-BF16 CPUs a Linear4bit repacks its weight with bf16
+    block scales at its first no-grad evaluation (a per-module switch); a reference must not be approximate.
+    Their own kernels still dequantize, so the reference stays independent of this package."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

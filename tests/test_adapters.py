@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qlora_kit as qk
 
-from .conftest import ARCHS, make_model, rel_err, token_batch
+from .conftest import ARCHS, bnb_exact, make_model, rel_err, token_batch
 
 
 def randomize_b(model, seed=0):
@@ -34,7 +34,7 @@ def peft_on(folder, adapter, quant=None):
             load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    return peft.PeftModel.from_pretrained(base, adapter).eval()
+    return bnb_exact(peft.PeftModel.from_pretrained(base, adapter).eval())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

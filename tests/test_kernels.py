@@ -1,7 +1,7 @@
 """The Triton nf4 / fp4 kernels (run by Triton's interpreter on the CPU) against float64 references.
 
-References are independent of the kernels: bitsandbytes' own dequantization of the same packed weight,
-rounded to the compute dtype as the kernel's tiles are, then a float64 matmul. Inputs are fresh random
+References are independent of the kernels: the same packed weight decoded by tests/reference.py (the format's
+definition), rounded to the compute dtype as the kernel's tiles are, then a float64 matmul. Inputs are fresh random
 values; kernel outputs go into NaN-filled buffers, so an element the kernel skips fails the test.
 """
 
@@ -17,6 +17,7 @@ from qlora_kit import formats, kernels
 from qlora_kit.config import QuantConfig
 from qlora_kit.layers import QuantLinear
 
+from . import reference
 from .conftest import rel_err, token_batch
 
 pytest.importorskip("triton")
@@ -40,10 +41,9 @@ def packed_weight(fmt: str, double_quant: bool, dtype: torch.dtype, seed: int = 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) / math.sqrt(k)
     packed = formats.quantize(w, QuantConfig(quant=fmt, double_quant=double_quant, blocksize=64))
-    packed = {key: t.to(DEVICE) for key, t in packed.items()}
-    # the reference weight: bitsandbytes' dequantization, rounded to the compute dtype like the tile
-    w_ref = formats.dequantize(packed, fmt, (n, k), 64, torch.float32).to(dtype).double()
-    return packed, w_ref
+    # the reference weight: the format's decode, rounded to the compute dtype like the tile
+    w_ref = reference.decode_4bit(packed, fmt, (n, k), 64, dtype).double().to(DEVICE)
+    return {key: t.to(DEVICE) for key, t in packed.items()}, w_ref
 
 
 def rand(*shape, dtype=torch.float32, seed=1):
@@ -109,7 +109,7 @@ def test_decode_kernel_matches_float64(fmt, double_quant, dtype, rows):
     y = fourbit.forward(x, packed, n, 64, xa=xa, B=b, scaling=2.0, bias=bias, decode=True,
                         out=poisoned(rows, n, dtype=dtype))
     # the decode kernel multiplies in fp32 with the weight unrounded: compare with the fp32 weight
-    w32 = formats.dequantize(packed, fmt, (n, k), 64, torch.float32).double()
+    w32 = reference.decode_4bit({key: t.cpu() for key, t in packed.items()}, fmt, (n, k), 64).double().to(DEVICE)
     ref = x.double() @ w32.t() + 2.0 * xa.double() @ b.double().t() + bias.double()
     assert not y.isnan().any()
     assert rel_err(y, ref) < TOL[dtype]
@@ -122,8 +122,8 @@ def test_odd_width_never_takes_the_decode_kernel():
     n, k = 64, 33
     g = torch.Generator().manual_seed(0)
     packed = formats.quantize(torch.randn(n, k, generator=g), QuantConfig(quant="nf4", blocksize=64))
+    w = reference.decode_4bit(packed, "nf4", (n, k), 64).double().to(DEVICE)
     packed = {key: t.to(DEVICE) for key, t in packed.items()}
-    w = formats.dequantize(packed, "nf4", (n, k), 64, torch.float32).double()
     x = rand(1, k)
     assert rel_err(fourbit.forward(x, packed, n, 64, decode=True), x.double() @ w.t()) < TOL[torch.float32]
 
