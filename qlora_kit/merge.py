@@ -404,7 +404,8 @@ def _evaluate(model: nn.Module, export: Path, cfg: MergeConfig, seqs: Sequences)
     ppl_unmerged, logits_ref = score(model, seqs, EVAL_BATCH, keep_logits=True)  # at the scored positions
     kwargs = {"device_map": "cpu"} if cfg.quantized else {}
     exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs).eval()
-    ppl_merged, logits = score(exported, seqs, EVAL_BATCH, keep_logits=True)
+    with formats.exact_bitsandbytes(exported):  # the same score on every CPU
+        ppl_merged, logits = score(exported, seqs, EVAL_BATCH, keep_logits=True)
     del exported
     kl = F.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="batchmean")
     gain = ppl_base - ppl_unmerged
