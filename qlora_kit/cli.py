@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -383,8 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_third_parties() -> None:
+    """transformers' info and warning lines and its and the hub's progress bars (loading and saving shards)
+    are not this tool's output; their errors still are. Set here, not by environment variables: importing
+    the package has already imported transformers."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    # this package's own status lines (a one-time GGUF conversion, ...) go to stderr, beside the progress bar
+    own = logging.getLogger("qlora_kit")
+    if not any(getattr(h, "qlora_kit_cli", False) for h in own.handlers):
+        handler = logging.StreamHandler()  # the sys.stderr of the moment it writes
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.qlora_kit_cli = True
+        own.addHandler(handler)
+        own.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_parties()
     from .distributed import RankFailure
     from .train import TrainingDiverged
 

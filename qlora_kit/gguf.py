@@ -7,6 +7,7 @@ tens of seconds even for small models, so the result is cached under a key taken
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -71,7 +72,17 @@ def _convert(path: Path, out: Path, dtype: torch.dtype) -> None:
     # older versions (no GgufConfig) always unpack.
     if hasattr(transformers, "GgufConfig"):
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=dtype, **kwargs)
+    # transformers' own progress bar for this step is a plain tqdm that no setting of its turns off; the
+    # "converting ... (once)" line logged by convert_gguf says what is happening instead
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=dtype, **kwargs)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
     # Trust but verify: a packed layer shows up as a uint8/int tensor or a shape unlike the dense model's.
     with torch.device("meta"):
