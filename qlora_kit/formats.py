@@ -55,7 +55,7 @@ from torch import Tensor, nn  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the second level of double quantization
-DECODE_CHUNK = 1 << 20  # values decoded per step off CUDA: a float32 temporary of 4 MiB, in cache
+DECODE_CHUNK = 1 << 16  # most values decoded per step off CUDA (see _decode)
 
 
 def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
@@ -136,8 +136,8 @@ def dequantize(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], bloc
     if fmt == "none":
         return packed["weight"].to(dtype)
     if fmt == "int8":
-        codes = packed["weight"]
-        return _decode(lambda lo, hi: codes.reshape(-1)[lo:hi].float(), block_scales(packed, fmt, shape, blocksize),
+        codes = packed["weight"].reshape(-1)
+        return _decode(lambda lo, hi, dst: dst.copy_(codes[lo:hi]), block_scales(packed, fmt, shape, blocksize),
                        shape[1], shape, dtype)
     if packed["weight"].is_cuda:
         return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, fmt, shape, blocksize, dtype))
@@ -151,25 +151,39 @@ def _decode_4bit(codes: Tensor, table: Tensor, scales: Tensor, blocksize: int, s
     # both float32 values of every byte value, side by side in one 8-byte word: a byte decodes with one gather
     pairs = torch.stack([table.float()[nib >> 4], table.float()[nib & 15]], dim=1).contiguous().view(torch.int64)
     flat = codes.view(torch.uint8).view(-1)
-    return _decode(lambda lo, hi: pairs.view(-1).index_select(0, flat[lo // 2:hi // 2].int()).view(torch.float32),
-                   scales, blocksize, shape, dtype)
+
+    def fill(lo: int, hi: int, dst: Tensor) -> None:  # lo is even: chunks hold whole blocks
+        idx = flat[lo // 2:(hi + 1) // 2].int()
+        if (hi - lo) % 2 == 0:
+            torch.index_select(pairs.view(-1), 0, idx, out=dst.view(torch.int64))
+        else:  # an odd count of values in all (bitsandbytes allows one; this package's weights never have it)
+            dst.copy_(pairs.view(-1).index_select(0, idx).view(torch.float32)[:hi - lo])
+
+    return _decode(fill, scales, blocksize, shape, dtype)
 
 
-def _decode(values, scales: Tensor, group: int, shape, dtype: torch.dtype) -> Tensor:
-    """out[i] = values(i) * scales[i // group] in float32, rounded once to `dtype`, a chunk of whole groups at
-    a time; `values(lo, hi)` gives a fresh float32 tensor of the values of the flat range [lo, hi)."""
+def _decode(fill, scales: Tensor, group: int, shape, dtype: torch.dtype) -> Tensor:
+    """out[i] = value(i) * scales[i // group] in float32, rounded once to `dtype`.
+
+    `fill(lo, hi, dst)` writes the float32 values of the flat range [lo, hi) into `dst`: the output itself
+    when it is float32, else a float32 buffer. Off CUDA this goes a chunk of whole groups at a time, at most
+    DECODE_CHUNK values and an eighth of the weight, so what the decode allocates besides its output stays
+    small (the index of one chunk, and the buffer) and in cache."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=scales.device)
-    step = max(n, 1) if scales.is_cuda else max(1, DECODE_CHUNK // group) * group  # a GPU takes it in one go
+    step = max(n, 1) if scales.is_cuda else max(1, min(DECODE_CHUNK, n // 8) // group) * group
+    buf = None if dtype == torch.float32 else torch.empty(min(step, n), dtype=torch.float32, device=out.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        groups = -(-(hi - lo) // group)
-        v, s = values(lo, hi), scales[lo // group:lo // group + groups, None]  # (hi - lo,), (groups, 1)
-        if dtype == torch.float32 and v.numel() == groups * group:
-            torch.mul(v.view(groups, group), s, out=out[lo:hi].view(groups, group))
-            continue
-        v = nn.functional.pad(v, (0, groups * group - v.numel()))  # a partial last group
-        out[lo:hi].copy_(v.view(groups, group).mul_(s).view(-1)[:hi - lo])  # one rounding, to nearest even
+        dst = out[lo:hi] if buf is None else buf[:hi - lo]
+        fill(lo, hi, dst)
+        whole = (hi - lo) // group
+        first = lo // group
+        dst[:whole * group].view(whole, group).mul_(scales[first:first + whole, None])
+        if whole * group < hi - lo:  # a partial last group
+            dst[whole * group:].mul_(scales[first + whole])
+        if buf is not None:
+            out[lo:hi].copy_(dst)  # one rounding, to nearest even
     return out.view(shape)
 
 
@@ -186,7 +200,8 @@ def int8_mixed_matmul(x: Tensor, packed: dict[str, Tensor], threshold: float, dt
     y = bnbF.int8_mm_dequant(acc, sx, packed["scb"]).to(dtype)
     if outliers is not None and outliers.numel():
         cols = packed["weight"][:, outliers]  # (out, outlier columns)
-        w_cols = _decode(lambda lo, hi: cols.reshape(-1)[lo:hi].float(), packed["scb"].float() / 127,
+        flat = cols.reshape(-1)
+        w_cols = _decode(lambda lo, hi, dst: dst.copy_(flat[lo:hi]), packed["scb"].float() / 127,
                          cols.shape[1], tuple(cols.shape), dtype)
         y = y + x2[:, outliers].to(dtype) @ w_cols.t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -244,10 +259,15 @@ def block_scales(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], bl
         return packed["scb"].float() / 127
     if "nested_absmax" not in packed:
         return packed["absmax"].float()
-    codes = packed["absmax"]
-    return _decode(lambda lo, hi: packed["nested_quant_map"].float()[codes[lo:hi].long()],
-                   packed["nested_absmax"].float(), NESTED_BLOCKSIZE, (1, codes.numel()), torch.float32).view(-1) \
-        + packed["offset"].float()[0]
+    return _decode_8bit(packed["absmax"], packed["nested_quant_map"], packed["nested_absmax"], NESTED_BLOCKSIZE,
+                        torch.float32).view(-1) + packed["offset"].float()[0]
+
+
+def _decode_8bit(codes: Tensor, table: Tensor, scales: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """table[code] * scale for blockwise 8-bit codes (one a byte), in the shape of `codes`."""
+    flat, values = codes.reshape(-1), table.float()
+    return _decode(lambda lo, hi, dst: torch.index_select(values, 0, flat[lo:hi].int(), out=dst),
+                   scales.float(), blocksize, tuple(codes.shape), dtype)
 
 
 def pack_4bit_codes(codes: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -283,8 +303,7 @@ def _bnb_dequantize_4bit(A: Tensor, absmax: Tensor, blocksize: int, quant_type: 
 
 
 def _bnb_dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype):
-    flat = A.reshape(-1)
-    return _decode(lambda lo, hi: code.float()[flat[lo:hi].long()], absmax.float(), blocksize, tuple(A.shape), dtype)
+    return _decode_8bit(A, code, absmax, blocksize, dtype)
 
 
 def _bnb_int8_linear_matmul(A: Tensor, B: Tensor) -> Tensor:
