@@ -11,7 +11,7 @@ For every shape (OUT x IN, as the weight is stored) it builds, from one random w
   dense        a frozen plain nn.Linear, no LoRA: the floor, what the matmul alone costs;
   dense+lora   QuantLinear with quant="none" plus LoRA: the baseline every ratio is taken against;
   nf4/fp4/int8 QuantLinear.from_dense(...) plus the same LoRA (dequantize-on-the-fly matmul: on CUDA the
-               Triton kernels of qlora_kit.kernels for nf4 / fp4, elsewhere bitsandbytes' dequantize + matmul);
+               Triton kernels of qlora_kit.kernels for nf4 / fp4, elsewhere the package's dequantize + matmul);
   nf4-bnb      the nf4 layer with QLORA_KIT_KERNELS=off: bitsandbytes dequantizes the whole weight to a
                16-bit temporary for every matmul, as the common stack does (default on CUDA only).
 

@@ -82,6 +82,7 @@ def test_two_ranks_train_what_one_process_trains(single, run_model, text_file, t
     assert "rng/torch.rank1" in load_file(out / "checkpoints" / "step-000008" / "trainer_state.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_under_two_ranks_after_sigkill(run_model, text_file, tmp_path):
     """Kill the whole torchrun job mid-run, resume it with 2 processes: the same adapter, bit for bit, as an
     uninterrupted 2-process run (dropout on: each rank's RNG state is restored too)."""
@@ -123,7 +124,7 @@ def test_fsdp_without_torchrun_is_refused(run_model, text_file, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "torchrun" in proc.stderr
 
 
-@pytest.mark.parametrize("mode", ["die", "hang"])
+@pytest.mark.parametrize("mode", ["die", pytest.param("hang", marks=pytest.mark.slow)])
 def test_a_failing_rank_takes_the_job_down(run_model, text_file, tmp_path, mode):
     """Rank 1 exits (or stops answering) after step 2: the job ends with an error well inside a minute, and
     when rank 0 is the one left waiting it says which collective failed."""

@@ -60,6 +60,7 @@ def test_folder_layout(converted):
     assert leftovers(folder) == []
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_load(converted):
     folder, _ = converted
     tok = AutoTokenizer.from_pretrained(folder)

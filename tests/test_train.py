@@ -73,6 +73,7 @@ def test_resume_is_exact_in_process(run_model, text_file, tmp_path, options):
     assert strip(lines("full")) == strip(lines("part"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(run_model, text_file, tmp_path):
     """Kill -9 the CLI mid-run (several times), resume each time: the final adapter is bit-identical."""
     def cmd(out, resume=False):

@@ -3,7 +3,7 @@
 QLORA_KIT_KERNELS chooses:
   auto    (default) Triton for nf4 / fp4 layers on CUDA tensors, when triton imports;
   triton  also on CPU tensors, which Triton runs only in its interpreter (TRITON_INTERPRET=1): the tests;
-  off     bitsandbytes' dequantize and a torch matmul everywhere (the reference path).
+  off     formats.dequantize and a torch matmul everywhere (the reference path).
 Everything else (int8, unquantized layers, the meta device of memory estimates, a missing triton) takes
 the reference path in layers.py.
 """
