@@ -5,8 +5,10 @@ For each weight shape and block size it reports
     largest absolute error if not (on AVX512 CPUs a block that spans two rows is decoded with a wrong
     scale);
   * the median time of `qlora_kit.formats.dequantize` and of bitsandbytes' kernel, and their ratio;
-  * the relative logit error of a bitsandbytes `Linear4bit` on its repacked bf16 path (the one it takes on
-    AVX512-BF16 CPUs at a no-grad evaluation), against the exact path.
+  * the relative output error of a bitsandbytes `Linear4bit` on its repacked bf16 path (the one it takes on
+    AVX512-BF16 CPUs at a no-grad evaluation), against the exact path;
+and then, for a small random Llama loaded by transformers + bitsandbytes (nf4, double quantization), the
+relative logit error of the repacked path against the exact one.
 
     .venv/bin/python benchmarks/bench_cpu_decode.py                       # defaults below, about 30 s
     .venv/bin/python benchmarks/bench_cpu_decode.py --shapes 4096x4096 --blocksizes 64
@@ -94,5 +96,39 @@ def main() -> None:
                       f"{ours_ms / bnb_ms:>8.2f} {'n/a' if rep is None else f'{rep:.2e}':>16}")
 
 
+def model_repacked_error() -> float | None:
+    """Relative logit error of transformers + bitsandbytes on the repacked path against the exact path, for a
+    small random Llama (hidden 256, 2 layers), or None where this CPU lacks the kernel."""
+    import tempfile
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    if not has_avx512bf16():
+        return None
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    logits = []
+    with tempfile.TemporaryDirectory() as folder:
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        for repack in (False, True):
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
+                                                         dtype=torch.float32).eval()
+            for m in model.modules():
+                if isinstance(m, bnb.nn.Linear4bit):
+                    m.support_avx512bf16_for_cpu = repack
+            with torch.no_grad():
+                logits.append(model(ids).logits.double())
+    return ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+
+
 if __name__ == "__main__":
     main()
+    err = model_repacked_error()
+    print("small Llama (hidden 256, nf4 + double quant, 2 x 64 tokens) through transformers + bitsandbytes: "
+          + ("repacked path n/a on this CPU" if err is None else f"repacked vs exact logits, relative error {err:.2e}"))
