@@ -316,11 +316,11 @@ def exact_bitsandbytes(model: nn.Module | None = None) -> Iterator[None]:
 
     Every bitsandbytes `Linear4bit` in `model` is switched off the bf16 repacking that bitsandbytes does on
     AVX512-BF16 CPUs at its first no-grad evaluation (a per-module switch, `support_avx512bf16_for_cpu`, that
-    stays off after the block; a weight already repacked is refused, its bf16 scales cannot be undone). Until
-    the block ends,
-    bitsandbytes' CPU kernels `dequantize_4bit` and `dequantize_blockwise` (which all its 4-bit matmuls go
-    through) are replaced by this module's decode, and `int8_linear_matmul` by its exact int8 product. Used
-    to score an export as transformers loads it, so that the score does not depend on which CPU computes it.
+    stays off after the block; a weight already repacked is refused, its bf16 scales cannot be undone).
+    Until the block ends, bitsandbytes' CPU kernels `dequantize_4bit` and `dequantize_blockwise` (which all
+    its 4-bit matmuls go through) are replaced by this module's decode, and `int8_linear_matmul` by its exact
+    int8 product. Used to score an export as transformers loads it, so that the score does not depend on
+    which CPU computes it. The replacement is process-wide while it lasts.
     """
     import bitsandbytes as bnb
 
