@@ -91,22 +91,18 @@ def versions() -> dict[str, str]:
 
 # ---- worker: one side, one point, one fresh process --------------------------------------------------
 
-def _peft_static(model, tracker) -> None:
-    """File PEFT + bitsandbytes tensors: packed weights and their quant states, LoRA, the rest."""
+def _peft_quant_states(model, tracker) -> None:
+    """File what bitsandbytes keeps outside parameters and buffers as quantized weights: the quant states of
+    its packed weights and int8 row scales (run_steps files parameters and buffers itself)."""
     import bitsandbytes as bnb
 
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if "lora_" in name:
-            tracker.add(t, "LoRA parameters")
-        elif isinstance(t, bnb.nn.Params4bit | bnb.nn.Int8Params):
-            tracker.add(t, "quantized weights")
-            state = getattr(t, "quant_state", None)
-            for x in ([state.absmax, state.code, state.offset] if state is not None else []) + (
-                    [state.state2.absmax, state.state2.code] if state is not None and state.nested else []):
+    for t in model.parameters():
+        state = getattr(t, "quant_state", None) if isinstance(t, bnb.nn.Params4bit) else None
+        if state is not None:
+            for x in [state.absmax, state.code, state.offset] + (
+                    [state.state2.absmax, state.state2.code] if state.nested else []):
                 if isinstance(x, torch.Tensor):
                     tracker.add(x, "quantized weights")
-        else:
-            tracker.add(t, "unquantized weights")
     for module in model.modules():  # int8 row scales live on the module
         scb = getattr(getattr(module, "weight", None), "SCB", None)
         if isinstance(scb, torch.Tensor):
@@ -147,9 +143,10 @@ def worker(job: dict) -> dict:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model.get_base_model())
             cfg = dataclasses.replace(cfg, gradient_checkpointing=False)  # done here, on the wrapped model
-        kw = dict(params=[p for p in model.parameters() if p.requires_grad], register_static=_peft_static,
-                  compute_dtype=dtype, loss_fn=lambda m, batch: m(**batch).loss)  # transformers' own loss
+        kw = dict(loss_fn=lambda m, batch: m(**batch).loss)  # transformers' own loss
     tracker = memory.LiveTensors()
+    if job["side"] != "qlora-kit":
+        _peft_quant_states(model, tracker)
     memory.run_steps(model, cfg, tracker, device, steps=job["steps"], warmup=True,
                      on_warm=torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else None, **kw)
     out = {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,

@@ -1,7 +1,8 @@
 """The `qlora-kit` command: train, eval, generate, merge, memory, smoke.
 
-`train`'s flags are generated from TrainConfig's fields (one flag per field, its help from the
-field), so the CLI, the YAML config and the Python API can never disagree.
+The flags of train, eval, generate and merge are generated from the fields of TrainConfig, EvalConfig,
+GenerateConfig and MergeConfig (one flag per field, its help from the field), so the CLI, the YAML
+config and the Python API can never disagree.
 """
 
 from __future__ import annotations
@@ -20,45 +21,60 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
 
-from .config import TrainConfig, one_line  # noqa: E402
+from .config import (  # noqa: E402
+    QUANT_FORMATS,
+    EvalConfig,
+    GenerateConfig,
+    InferenceConfig,
+    MergeConfig,
+    TrainConfig,
+    cli_fields,
+    one_line,
+)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+def _field_type(cls, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls=TrainConfig, only: set[str] | None = None) -> None:
-    """One flag per field; defaults stay None here so a YAML config can sit between defaults and flags."""
-    for f in dataclasses.fields(cls):
+    """One flag per field; defaults stay None here so a YAML config can sit between defaults and flags.
+    A field without a default is a required flag."""
+    for f in cli_fields(cls):
         if only is not None and f.name not in only:
             continue
-        kind, help_text = _field_type(f), f.metadata.get("help", "")
-        if f.default is not None:
+        kind, help_text = _field_type(cls, f), f.metadata["help"]
+        required = f.default is dataclasses.MISSING
+        if not required and f.default is not None:
             help_text += f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"),
-                                help=help_text)
+                                required=required, help=help_text)
+
+
+def dataclass_from_args(args: argparse.Namespace, cls, values: dict | None = None):
+    """`cls` from the flags given (the rest keep the field defaults), over `values`."""
+    values = dict(values or {})
+    for f in cli_fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then --config YAML, then explicit flags."""
-    values: dict = {}
-    if getattr(args, "config", None):
-        values.update(_read_yaml(Path(args.config)))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return TrainConfig(**values)
+    return dataclass_from_args(args, TrainConfig, _read_yaml(Path(args.config)) if getattr(args, "config", None)
+                               else None)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -78,7 +94,7 @@ def _read_yaml(path: Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in known:
             raise ValueError(f"{path}: unknown setting {key!r}; settings are the `qlora-kit train` flags")
-        kind = _field_type(known[name])
+        kind = _field_type(TrainConfig, known[name])
         if value is not None and kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if value is not None and not isinstance(value, kind):
@@ -101,35 +117,36 @@ def _train(args: argparse.Namespace) -> None:
     print(f"done: {result.steps} steps in {time.perf_counter() - start:.0f}s{gain}; adapter in {result.adapter}")
 
 
-def _load_for_inference(args: argparse.Namespace):
+def _load_for_inference(cfg: InferenceConfig):
     """The model (quantized, with the adapter when one is given), its tokenizer and the device."""
     from .adapters import load_adapter
-    from .train import load_model_and_tokenizer, resolve_device
+    from .loading import load_model_and_tokenizer, resolve_device
 
-    device = resolve_device(args.device)
-    model, tok = load_model_and_tokenizer(args.model, args.quant, args.compute_dtype, device,
-                                          cache_dir=args.cache_dir)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    device = resolve_device(cfg.device)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.quant_config(device), device, cfg.cache_dir)
+    if cfg.adapter:
+        load_adapter(model, cfg.adapter)
     return model, tok, device
 
 
 def _eval(args: argparse.Namespace) -> None:
     from . import defaults
     from .data import load_dataset
-    from .train import check_seq_len, perplexity
+    from .evaluate import perplexity
+    from .loading import check_seq_len
 
-    model, tok, _ = _load_for_inference(args)
-    check_seq_len(model, args.seq_len)
-    path = defaults.resolve_data(args.data, args.cache_dir)
-    if args.split == "all":
-        seqs, _ = load_dataset(path, tok, args.seq_len, eval_fraction=0.0)
+    cfg = dataclass_from_args(args, EvalConfig)
+    model, tok, _ = _load_for_inference(cfg)
+    check_seq_len(model, cfg.seq_len)
+    path = defaults.resolve_data(cfg.data, cfg.cache_dir)
+    if cfg.split == "all":
+        seqs, _ = load_dataset(path, tok, cfg.seq_len, eval_fraction=0.0)
     else:
-        _, seqs = load_dataset(path, tok, args.seq_len, eval_fraction=args.eval_fraction, seed=args.seed)
-    ppl = perplexity(model, seqs, args.batch_size, args.eval_sequences)
-    n = min(len(seqs), args.eval_sequences or len(seqs))
-    what = f"with adapter {args.adapter}" if args.adapter else "base model"
-    print(f"perplexity {ppl:.3f} ({what}, {n} sequences of {args.seq_len} tokens from {path}, split={args.split})")
+        _, seqs = load_dataset(path, tok, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    ppl = perplexity(model, seqs, cfg.batch_size, cfg.eval_sequences)
+    n = min(len(seqs), cfg.eval_sequences or len(seqs))
+    what = f"with adapter {cfg.adapter}" if cfg.adapter else "base model"
+    print(f"perplexity {ppl:.3f} ({what}, {n} sequences of {cfg.seq_len} tokens from {path}, split={cfg.split})")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -137,26 +154,24 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .data import pad_id
 
-    model, tok, device = _load_for_inference(args)
-    prompt = args.prompt
-    if args.chat:
+    cfg = dataclass_from_args(args, GenerateConfig)
+    model, tok, device = _load_for_inference(cfg)
+    prompt = cfg.prompt
+    if cfg.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat).input_ids.to(device)
-    torch.manual_seed(args.seed)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=args.temperature or None,
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=not cfg.chat).input_ids.to(device)
+    torch.manual_seed(cfg.seed)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                         do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
                          pad_token_id=pad_id(tok))
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .merge import MergeConfig, merge
+    from .merge import merge
 
-    cfg = MergeConfig(model=args.model, adapter=args.adapter, out=args.out, format=args.format, method=args.method,
-                      onto=args.onto, calib_data=args.calib_data, calib_tokens=args.calib_tokens,
-                      eval_data=args.eval_data, eval_sequences=args.eval_sequences, seq_len=args.seq_len,
-                      dtype=args.dtype, force=args.force, cache_dir=args.cache_dir)
+    cfg = dataclass_from_args(args, MergeConfig)
     merge(cfg)
     print(f"merged model written to {cfg.out} (report: {Path(cfg.out) / 'merge_report.json'})")
 
@@ -165,7 +180,7 @@ def _memory(args: argparse.Namespace) -> None:
     import json
 
     from . import memory
-    from .train import resolve_device
+    from .loading import resolve_device
 
     cfg = config_from_args(args)
     if args.device not in ("auto", "cuda", "cpu"):
@@ -228,6 +243,7 @@ def _smoke(args: argparse.Namespace) -> None:
     import torch
 
     from . import add_lora, load_adapter, load_quantized, parameter_report, save_adapter
+    from .step import train_step
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as scratch:
@@ -251,9 +267,8 @@ def _smoke(args: argparse.Namespace) -> None:
         model.train()
         losses = []
         for step in range(1, args.steps + 1):
-            loss = model(batch, labels=batch).loss
+            loss = train_step(model, {"input_ids": batch, "labels": batch})
             losses.append(loss.item())
-            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step == 1 or step % 5 == 0 or step == args.steps:
@@ -272,16 +287,6 @@ def _smoke(args: argparse.Namespace) -> None:
             raise SystemExit("smoke: reloaded adapter gives different logits")
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="HF model folder, .gguf, or 'smollm2-135m' (default)")
-    p.add_argument("--adapter", default=None, help="adapter folder to apply (default: none, the base model)")
-    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"], help="base weight format")
-    p.add_argument("--compute-dtype", default="auto", help="bf16, fp16, fp32 or auto")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--cache-dir", default=None, help="cache for converted models and data")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning: 4/8-bit frozen base, LoRA on top.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -294,46 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(t)
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="perplexity of a model, with or without an adapter, on a data file",
-                       formatter_class=fmt)
-    _model_flags(e)
-    e.add_argument("--data", default="shakespeare", help=".txt / .jsonl file or 'shakespeare'")
-    e.add_argument("--split", default="heldout", choices=["heldout", "all"],
-                   help="the held-out slice training used, or the whole file")
-    e.add_argument("--eval-fraction", type=float, default=0.02, help="held-out share (as in training)")
-    e.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    e.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
-    e.add_argument("--eval-sequences", type=int, default=32, help="sequences to score (0: all)")
+    e = sub.add_parser("eval", help="perplexity of a model, with or without an adapter, on a data file")
+    add_dataclass_flags(e, EvalConfig)
     e.set_defaults(func=_eval)
 
-    g = sub.add_parser("generate", help="continue a prompt, with or without an adapter", formatter_class=fmt)
-    _model_flags(g)
-    g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g = sub.add_parser("generate", help="continue a prompt, with or without an adapter")
+    add_dataclass_flags(g, GenerateConfig)
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("merge", help="fold an adapter into its base and export it (16-bit, or requantized with a "
-                                     "fidelity report)", formatter_class=fmt)
-    m.add_argument("--model", default="smollm2-135m", help="base: HF model folder, .gguf, or 'smollm2-135m'")
-    m.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
-    m.add_argument("--out", required=True, help="output model folder (refused if it exists, unless --force)")
-    m.add_argument("--format", default="nf4", choices=["bf16", "fp16", "fp32", "nf4", "fp4", "int8"],
-                   help="export format")
-    m.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
-                   help="requantization: gptq (error feedback on calibration data; what auto means) or rtn "
-                        "(round to nearest)")
-    m.add_argument("--onto", default="quantized", choices=["quantized", "original"],
-                   help="merge onto the dequantized 4/8-bit weights the adapter was trained on, or the originals")
-    m.add_argument("--calib-data", default=None, help="calibration text (default: held-out rows of --eval-data)")
-    m.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens")
-    m.add_argument("--eval-data", default="shakespeare", help="held-out text for the perplexity report")
-    m.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences scored")
-    m.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    m.add_argument("--dtype", default="bf16", help="dtype of the unquantized tensors of a 4/8-bit export")
-    m.add_argument("--force", action="store_true", help="replace an existing --out")
-    m.add_argument("--cache-dir", default=None, help="cache for converted models and data")
+                                     "fidelity report)")
+    add_dataclass_flags(m, MergeConfig)
     m.set_defaults(func=_merge)
 
     from .memory import MEMORY_FIELDS
@@ -373,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("smoke", help="load quantized, add LoRA, train a few steps, save and reload the adapter",
                        formatter_class=fmt)
     s.add_argument("--model", default=None, help="HF model folder or .gguf file (default: a small random Llama)")
-    s.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"], help="base weight format")
+    s.add_argument("--quant", default="nf4", choices=QUANT_FORMATS, help="base weight format")
     s.add_argument("--rank", type=int, default=16, help="LoRA rank")
     s.add_argument("--steps", type=int, default=20, help="optimizer steps")
     s.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")

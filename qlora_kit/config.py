@@ -1,24 +1,31 @@
-"""Typed configuration for quantization and LoRA, validated on construction.
+"""Typed configuration, validated on construction, and the names and dtypes every module shares.
 
 Dtype policy (the one place it is written down):
   * packed base weights: uint8 (two 4-bit codes per byte) for nf4/fp4, int8 for int8;
     their absmax / row scales are float32 (double-quantized absmax: uint8 codes plus a
     float32 second-level absmax per 256 blocks, as in QLoRA).
-  * compute dtype (bf16 by default; fp16 or fp32 allowed): the dtype the base matmul
+  * compute dtype (bf16 on CUDA, fp32 on a CPU by default; fp16 allowed): the dtype the base matmul
     runs in, and the dtype of every weight left unquantized (embeddings, norms, output head).
-  * adapter dtype (fp32 by default): LoRA A and B, their gradients and the LoRA branch's
-    arithmetic; the branch's output is cast to the compute dtype before it is added.
+  * adapter dtype (fp32 by default): LoRA A and B and their gradients. The branch's arithmetic is in the
+    adapter dtype on a CPU; on CUDA with bf16 compute, training runs under bf16 autocast (step.py), so the
+    LoRA matmuls run in bf16, and the Triton path forms dropout(x) @ A.T and the gradient products in the
+    compute dtype. The branch's output is added in the compute dtype.
   * fp32 is kept for the loss (transformers upcasts logits before cross-entropy).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
-QUANT_FORMATS = ("nf4", "fp4", "int8", "none")
+FOUR_BIT = ("nf4", "fp4")
+QUANT_FORMATS = (*FOUR_BIT, "int8", "none")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+EXPORT_FORMATS = (*DTYPE_NAMES, *FOUR_BIT, "int8")
+MERGE_METHODS = ("auto", "gptq", "rtn")
 COMPUTE_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
@@ -36,6 +43,22 @@ def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
         return COMPUTE_DTYPES[str(value).lower()]
     except KeyError:
         raise ValueError(f"unknown {what} {value!r}: use one of bf16, fp16, fp32") from None
+
+
+def default_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are several times slower than fp32."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_compute_dtype(value: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """A compute dtype setting ('auto' / None: the device's default; else bf16, fp16, fp32) as a torch dtype."""
+    return default_compute_dtype(device) if value in (None, "auto") else parse_dtype(value, "compute_dtype")
+
+
+def choice(value, allowed: tuple, what: str) -> None:
+    """A one-line error unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -57,10 +80,9 @@ class QuantConfig:
     value of magnitude >= threshold stay in 16-bit, the rest go through an int8 x int8 matmul."""
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANT_FORMATS:
-            raise ValueError(f"unknown quantization format {self.quant!r}: use one of {', '.join(QUANT_FORMATS)}")
+        choice(self.quant, QUANT_FORMATS, "quantization format")
         self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
-        if self.quant in ("nf4", "fp4"):
+        if self.quant in FOUR_BIT:
             if (not isinstance(self.blocksize, int) or not 32 <= self.blocksize <= 4096
                     or self.blocksize & (self.blocksize - 1)):
                 raise ValueError(f"blocksize {self.blocksize!r} must be a power of two from 32 to 4096 "
@@ -122,10 +144,6 @@ class LoRAConfig:
     def alpha_for(self, name: str) -> float:
         return pattern_lookup(self.alpha_pattern, name, self.alpha)
 
-    def scaling_for(self, name: str) -> float:
-        r, alpha = self.rank_for(name), self.alpha_for(name)
-        return alpha / (r**0.5) if self.rslora else alpha / r
-
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message squeezed onto one line, for the one-line errors users see."""
@@ -158,7 +176,7 @@ class TrainConfig:
     data: str = _opt("shakespeare", ".txt or .jsonl file, or 'shakespeare' (the embedded default)")
     eval_data: str | None = _opt(None, "separate held-out file (default: a slice of --data)")
     out: str = _opt("runs/quickstart", "run folder: checkpoints, metrics, final adapter")
-    quant: str = _opt("nf4", "base weight format", choices=("nf4", "fp4", "int8", "none"))
+    quant: str = _opt("nf4", "base weight format", choices=QUANT_FORMATS)
     double_quant: bool = _opt(True, "double-quantize the 4-bit absmax values")
     blocksize: int = _opt(64, "4-bit quantization block size")
     compute_dtype: str = _opt("auto", "bf16, fp16, fp32, or auto (bf16 on CUDA, fp32 on CPU)")
@@ -175,7 +193,7 @@ class TrainConfig:
     schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
     warmup_steps: int = _opt(4, "linear warmup steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     packing: bool = _opt(True, "pack examples into full sequences (else pad each one)")
@@ -210,11 +228,21 @@ class TrainConfig:
             raise ValueError(f"dist-timeout {self.dist_timeout} must be > 0 seconds")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval-fraction {self.eval_fraction} must be in [0, 1)")
-        if self.quant not in QUANT_FORMATS:
-            raise ValueError(f"unknown quantization format {self.quant!r}: use one of {', '.join(QUANT_FORMATS)}")
+        choice(self.quant, QUANT_FORMATS, "quantization format")
+        choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype, "compute_dtype")
-        LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.target_spec())
+        self.lora_config()  # validates rank, alpha, dropout and targets
+
+    def quant_config(self, device: str | torch.device) -> QuantConfig:
+        """How the base is stored and multiplied when training on `device` ('auto' compute dtype resolved)."""
+        return QuantConfig(quant=self.quant, compute_dtype=resolve_compute_dtype(self.compute_dtype, device),
+                           double_quant=self.double_quant, blocksize=self.blocksize)
+
+    def lora_config(self) -> LoRAConfig:
+        """The LoRA layers this run trains (`rank` is LoRAConfig's `r`, PEFT's name for it)."""
+        return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.target_spec(),
+                          rslora=self.rslora)
 
     def target_spec(self) -> str | list[str]:
         """--targets as add_lora takes it: 'all-linear', a list of names (has a comma or is a plain name), or a regex."""
@@ -224,3 +252,90 @@ class TrainConfig:
         if "," in t or re.fullmatch(r"[\w.]+", t):
             return [s.strip() for s in t.split(",") if s.strip()]
         return t
+
+
+@dataclass(kw_only=True)
+class MergeConfig:
+    """What to merge and how to export it; every field is also a `qlora-kit merge` flag."""
+
+    model: str = _opt("smollm2-135m", "base: HF model folder, .gguf, or 'smollm2-135m'")
+    adapter: str = _opt(MISSING, "adapter folder (PEFT layout)")
+    out: str = _opt(MISSING, "output model folder (refused if it exists, unless --force)")
+    format: str = _opt("nf4", "export format", choices=EXPORT_FORMATS)
+    method: str = _opt("auto", "requantization: gptq (error feedback on calibration data; what auto means) or "
+                               "rtn (round to nearest)", choices=MERGE_METHODS)
+    onto: str = _opt("quantized", "merge onto the dequantized 4/8-bit weights the adapter was trained on, or the "
+                                  "originals", choices=("quantized", "original"))
+    calib_data: str | None = _opt(None, "calibration text (default: held-out rows of --eval-data)")
+    calib_tokens: int = _opt(2048, "calibration tokens")
+    eval_data: str = _opt("shakespeare", "held-out text for the perplexity report")
+    eval_sequences: int = _opt(32, "held-out sequences scored")
+    seq_len: int = _opt(128, "tokens per sequence")
+    dtype: str = _opt("bf16", "dtype of the unquantized tensors of a 4/8-bit export")
+    force: bool = _opt(False, "replace an existing --out")
+    cache_dir: str | None = _opt(None, "cache for converted models and data")
+
+    def __post_init__(self) -> None:
+        choice(self.format, EXPORT_FORMATS, "export format")
+        choice(self.method, MERGE_METHODS, "method")
+        choice(self.onto, ("quantized", "original"), "--onto")
+        if self.calib_tokens < 1 or self.seq_len < 1:
+            raise ValueError("calib-tokens and seq-len must be >= 1")
+        parse_dtype(self.dtype, "dtype")
+
+    @property
+    def quantized(self) -> bool:
+        return self.format not in DTYPE_NAMES
+
+    def resolved_method(self) -> str:
+        if not self.quantized:
+            return "none"
+        return "gptq" if self.method == "auto" else self.method
+
+
+@dataclass(kw_only=True)
+class InferenceConfig:
+    """The base model (and adapter) that `qlora-kit eval` and `generate` load."""
+
+    model: str = _opt("smollm2-135m", "HF model folder, .gguf, or 'smollm2-135m' (default)")
+    adapter: str | None = _opt(None, "adapter folder to apply (default: none, the base model)")
+    quant: str = _opt("nf4", "base weight format", choices=QUANT_FORMATS)
+    compute_dtype: str = _opt("auto", "bf16, fp16, fp32 or auto")
+    device: str = _opt("auto", "cpu, cuda or auto")
+    cache_dir: str | None = _opt(None, "cache for converted models and data")
+    seed: int = _opt(0, "random seed")
+
+    def __post_init__(self) -> None:
+        choice(self.quant, QUANT_FORMATS, "quantization format")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype, "compute_dtype")
+
+    def quant_config(self, device: str | torch.device) -> QuantConfig:
+        return QuantConfig(quant=self.quant, compute_dtype=resolve_compute_dtype(self.compute_dtype, device))
+
+
+@dataclass(kw_only=True)
+class EvalConfig(InferenceConfig):
+    """`qlora-kit eval`: perplexity of a model, with or without an adapter, on a data file."""
+
+    data: str = _opt("shakespeare", ".txt / .jsonl file or 'shakespeare'")
+    split: str = _opt("heldout", "the held-out slice training used, or the whole file", choices=("heldout", "all"))
+    eval_fraction: float = _opt(0.02, "held-out share (as in training)")
+    seq_len: int = _opt(128, "tokens per sequence")
+    batch_size: int = _opt(4, "sequences per forward")
+    eval_sequences: int = _opt(32, "sequences to score (0: all)")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(InferenceConfig):
+    """`qlora-kit generate`: continue a prompt, with or without an adapter."""
+
+    prompt: str = _opt(MISSING, "text to continue")
+    chat: bool = _opt(False, "wrap the prompt as a user turn with the chat template")
+    max_new_tokens: int = _opt(60, "tokens to generate")
+    temperature: float = _opt(0.0, "0: greedy")
+
+
+def cli_fields(cls) -> list:
+    """The dataclass fields of `cls` that are command-line flags (those with help text)."""
+    return [f for f in fields(cls) if "help" in f.metadata]

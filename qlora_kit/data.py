@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-IGNORE = -100  # label of a token that carries no loss (transformers' convention)
+from .loss import IGNORE_INDEX
 
 
 @dataclass
@@ -36,9 +36,6 @@ class Sequences:
 
     def rows(self, index: slice) -> Sequences:
         return Sequences(**self.select(index))
-
-    def trained_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -91,14 +88,14 @@ def _check_record(rec: object, where: str) -> dict:
 
 
 def tokenize(record: dict, tokenizer, where: str = "") -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one record; labels are IGNORE on prompt / non-assistant tokens."""
+    """(input_ids, labels) of one record; labels are IGNORE_INDEX on prompt / non-assistant tokens."""
     if "text" in record:
         ids = _encode_long(tokenizer, record["text"])
         return ids, list(ids)
     if "prompt" in record:
         p = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         c = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-        return p + c, [IGNORE] * len(p) + c
+        return p + c, [IGNORE_INDEX] * len(p) + c
     return _tokenize_chat(record["messages"], tokenizer, where)
 
 
@@ -152,7 +149,7 @@ def _tokenize_chat(messages: list[dict], tokenizer, where: str) -> tuple[list[in
     ids, labels = enc["input_ids"], []
     for tok, (a, _end) in zip(ids, enc["offset_mapping"], strict=True):
         inside = any(s <= a < e for s, e in spans)  # a token belongs where it starts
-        labels.append(tok if inside else IGNORE)
+        labels.append(tok if inside else IGNORE_INDEX)
     return ids, labels
 
 
@@ -170,7 +167,7 @@ def build_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, p
             labels += y
             if len(examples) > 1 and eos_id is not None and (not x or x[-1] != eos_id) and i < len(examples) - 1:
                 ids.append(eos_id)  # keep documents apart in the stream
-                labels.append(eos_id if y and y[-1] != IGNORE else IGNORE)
+                labels.append(eos_id if y and y[-1] != IGNORE_INDEX else IGNORE_INDEX)
         n = len(ids) // seq_len
         if n == 0:
             raise ValueError(f"{source}: {len(ids)} tokens, too few for one sequence of {seq_len}; "
@@ -181,13 +178,13 @@ def build_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, p
     else:
         rows = [(x[:seq_len], y[:seq_len]) for x, y in examples if x]
         t_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-        t_lab = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+        t_lab = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
         for r, (x, y) in enumerate(rows):
             t_ids[r, : len(x)] = torch.tensor(x)
             t_lab[r, : len(y)] = torch.tensor(y)
             mask[r, : len(x)] = 1
-    keep = (t_lab[:, 1:] != IGNORE).any(dim=1)  # position 0 is never predicted
+    keep = (t_lab[:, 1:] != IGNORE_INDEX).any(dim=1)  # position 0 is never predicted
     seqs = Sequences(t_ids[keep], t_lab[keep], mask[keep])
     if len(seqs) == 0:
         raise ValueError(f"{source}: no sequence has a token to train on (are all completions empty or truncated "

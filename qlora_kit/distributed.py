@@ -167,7 +167,7 @@ def shard_model(model: nn.Module, ctx: Context, device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .loss import decoder_of, fused_causal_lm_loss
+    from .loss import decoder_layers, fused_causal_lm_loss
 
     lora = {p for m in model.modules() if isinstance(m, QuantLinear) and m.lora_A is not None
             for p in (m.lora_A, m.lora_B)}
@@ -177,8 +177,7 @@ def shard_model(model: nn.Module, ctx: Context, device: str) -> nn.Module:
     for p in lora:  # fully_shard moves what it manages (shard by shard) and the buffers, not ignored params
         p.data = p.data.to(device)
     mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
-    decoder = decoder_of(model)
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__}")
     for layer in layers:

@@ -226,6 +226,40 @@ def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     return acc
 
 
+def packed_layout(out_features: int, in_features: int, cfg: QuantConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor `formats.quantize` makes for an (out, in) weight.
+
+    nf4/fp4: codes (ceil(n/2), 1) uint8, absmax per block of `blocksize` (uint8 with double quantization,
+    plus a float32 absmax per 256 blocks, the 256-entry level-2 code table and an offset; float32
+    without), and the 16-entry code table. int8: (out, in) int8 codes and one float32 scale per row.
+    """
+    n = out_features * in_features
+    if cfg.quant == "none":
+        return {"weight": ((out_features, in_features), cfg.compute_dtype)}
+    if cfg.quant == "int8":
+        return {"weight": ((out_features, in_features), torch.int8), "scb": ((out_features,), torch.float32)}
+    blocks = math.ceil(n / cfg.blocksize)
+    layout = {"weight": (((n + 1) // 2, 1), torch.uint8), "quant_map": ((16,), torch.float32)}
+    if cfg.double_quant:
+        layout.update(absmax=((blocks,), torch.uint8),
+                      nested_absmax=((math.ceil(blocks / NESTED_BLOCKSIZE),), torch.float32),
+                      nested_quant_map=((256,), torch.float32), offset=((1,), torch.float32))
+    else:
+        layout["absmax"] = ((blocks,), torch.float32)
+    return layout
+
+
+def bytes_per_weight(cfg: QuantConfig) -> float:
+    """Bytes per quantized value for a large weight (codes + scales), e.g. 0.516 for nf4 + double quant."""
+    if cfg.quant == "none":
+        return torch.empty(0, dtype=cfg.compute_dtype).element_size()
+    if cfg.quant == "int8":
+        return 1.0
+    if cfg.double_quant:
+        return 0.5 + 1 / cfg.blocksize + 4 / (cfg.blocksize * NESTED_BLOCKSIZE)
+    return 0.5 + 4 / cfg.blocksize
+
+
 def packed_nbytes(packed: dict[str, Tensor]) -> int:
     """Bytes held by the packed form (codes plus every scale)."""
     return sum(t.numel() * t.element_size() for t in packed.values())

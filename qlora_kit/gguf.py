@@ -2,7 +2,8 @@
 
 QLoRA quantizes a dense base model itself, so a GGUF file (already quantized, in llama.cpp's own
 block formats) is first unpacked to ordinary bf16 weights with transformers' GGUF reader. That takes
-tens of seconds even for small models, so the result is cached under a key taken from the file content.
+tens of seconds even for small models, so the result is cached under a key taken from the file (size,
+modification time, first and last MiB) and the dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import cache_root
+from .io import cache_root
 
 logger = logging.getLogger(__name__)
 

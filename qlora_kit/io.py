@@ -1,4 +1,4 @@
-"""Atomic file output: nothing the tool writes is ever seen half-written."""
+"""Where the tool keeps its files, and atomic file output: nothing it writes is ever seen half-written."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $QLORA_KIT_CACHE, else ~/.cache/qlora-kit."""
+    root = cache_dir or os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit"
+    return Path(root).expanduser()
 
 
 @contextlib.contextmanager

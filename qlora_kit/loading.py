@@ -21,19 +21,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from .config import QuantConfig, one_line, parse_dtype
+from . import defaults
+from .config import QuantConfig, one_line, resolve_compute_dtype
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, output_head, set_submodule
-
-
-def default_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are several times slower than fp32."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def resolve_compute_dtype(value: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """A compute dtype setting ('auto' / None: the device's default; else bf16, fp16, fp32) as a torch dtype."""
-    return default_compute_dtype(device) if value in (None, "auto") else parse_dtype(value, "compute_dtype")
 
 
 def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: torch.dtype | str | None = None,
@@ -94,8 +85,8 @@ def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Itera
             seen.add(id(t))
             expected[name] = t
     for name, tensor in tensors(expected):
-        fill._place(Path("<generated>"), name, name, tensor)
-    fill._finish()
+        fill.place(Path("<generated>"), name, name, tensor)
+    fill.finish()
     return _loaded(model, cfg, None)
 
 
@@ -110,6 +101,39 @@ def _loaded(model: nn.Module, cfg: QuantConfig, path: str | None) -> nn.Module:
     model.qlora_quant_config = cfg
     model.qlora_source = {"path": path, "fingerprint": fingerprint(model)}
     return model
+
+
+def load_model_and_tokenizer(model: str, cfg: QuantConfig, device: str | torch.device = "cpu",
+                             cache_dir: str | None = None) -> tuple[nn.Module, object]:
+    """Resolve --model (a folder, a .gguf, or the embedded default), then load it quantized with its tokenizer."""
+    path = defaults.model_folder(model, cache_dir)
+    net = load_quantized(path, quant=cfg.quant, compute_dtype=cfg.compute_dtype, double_quant=cfg.double_quant,
+                         blocksize=cfg.blocksize, int8_threshold=cfg.int8_threshold, device=device)
+    return net, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a model folder, or a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load a tokenizer from the model folder ({one_line(e)})") from None
+
+
+def check_seq_len(model_or_config, seq_len: int) -> None:
+    """Refuse a sequence length beyond the context of a model (or of its transformers config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    max_ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if max_ctx is not None and seq_len > max_ctx:
+        raise ValueError(f"--seq-len {seq_len} is beyond the model's context of {max_ctx} tokens")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(check_device(device))
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -203,9 +227,9 @@ class _StreamingFill:
                     except Exception as e:
                         raise ValueError(f"{file}: tensor {key!r} cannot be read, the file may be truncated "
                                          f"({one_line(e)})") from None
-                    self._place(file, key, name, tensor)
+                    self.place(file, key, name, tensor)
                     del tensor
-        self._finish()
+        self.finish()
 
     def _model_key(self, key: str) -> str | None:
         # Checkpoints differ in whether keys carry the base model's prefix ("transformer.", "model.").
@@ -217,7 +241,7 @@ class _StreamingFill:
             return key[len(self.prefix) + 1:]
         return None
 
-    def _place(self, file: Path, key: str, name: str, tensor: torch.Tensor) -> None:
+    def place(self, file: Path, key: str, name: str, tensor: torch.Tensor) -> None:
         want = tuple(self.expected[name].shape)
         if tuple(tensor.shape) != want:
             raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} but the model's config "
@@ -250,7 +274,7 @@ class _StreamingFill:
                 module._buffers[leaf] = value
         self.done.add(name)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         model = self.model
         head, embed = output_head(model), model.get_input_embeddings()
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token that carries no loss (transformers' convention)
 CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB, whatever the vocabulary
 
 # transformers config fields that change the logits after the head (softcapping, scaling): with any of
@@ -91,6 +91,13 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
         return None
     inner = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
     return None if inner is not None else decoder  # a "decoder" with a head is the whole LM again
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The repeated blocks of the decoder (`layers` in most families, `h` in GPT-2's), or None."""
+    decoder = decoder_of(model)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int | None = None) -> Tensor:

@@ -24,57 +24,16 @@ from torch import nn
 
 from . import defaults, formats
 from .adapters import BASE_QUANT, load_adapter, read_adapter
-from .config import QuantConfig, parse_dtype
+from .config import MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
+from .evaluate import score
 from .io import atomic_dir
 from .layers import QuantLinear
-from .loading import checkpoint_files, load_quantized
+from .loading import checkpoint_files, load_quantized, load_tokenizer
 from .patch import adapter_disabled, lora_layers
-from .train import load_tokenizer, score
 
-FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8")
 SHARD_BYTES = 2 * 2**30
 EVAL_BATCH = 4
-
-
-@dataclasses.dataclass
-class MergeConfig:
-    """What to merge and how to export it."""
-
-    model: str
-    adapter: str
-    out: str
-    format: str = "nf4"
-    method: str = "auto"  # 'gptq' (error feedback on calibration data; what auto means) or 'rtn' (round to nearest)
-    onto: str = "quantized"  # merge onto dequant(Q(W)) (what was trained) or the 'original' weights
-    calib_data: str | None = None  # default: the held-out slice of eval_data
-    calib_tokens: int = 2048
-    eval_data: str = "shakespeare"
-    eval_sequences: int = 32
-    seq_len: int = 128
-    dtype: str = "bf16"  # dtype of unquantized tensors in a 4/8-bit export
-    force: bool = False
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown export format {self.format!r}: use one of {', '.join(FORMATS)}")
-        if self.method not in ("auto", "gptq", "rtn"):
-            raise ValueError(f"unknown method {self.method!r}: use gptq or rtn")
-        if self.onto not in ("quantized", "original"):
-            raise ValueError(f"--onto {self.onto!r}: use 'quantized' or 'original'")
-        if self.calib_tokens < 1 or self.seq_len < 1:
-            raise ValueError("calib-tokens and seq-len must be >= 1")
-        parse_dtype(self.dtype, "dtype")
-
-    @property
-    def quantized(self) -> bool:
-        return self.format in ("nf4", "fp4", "int8")
-
-    def resolved_method(self) -> str:
-        if not self.quantized:
-            return "none"
-        return "gptq" if self.method == "auto" else self.method
 
 
 def merge(cfg: MergeConfig, log=print) -> dict:

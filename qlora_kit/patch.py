@@ -114,7 +114,6 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float 
             set_submodule(model, name, module)
         module.attach_lora(cfg.rank_for(name), cfg.alpha_for(name), cfg.dropout, rslora=cfg.rslora,
                            init=cfg.init, dtype=cfg.adapter_dtype)
-    model.qlora_lora_config = cfg
     if hasattr(model, "enable_input_require_grads"):
         # With gradient checkpointing and a frozen embedding, the checkpointed blocks would see
         # inputs that do not require grad and the LoRA factors inside them would get no gradient.

@@ -161,8 +161,8 @@ def test_merge_scores_its_export_the_same_on_either_path(monkeypatch, run_model,
     import bitsandbytes.nn.modules as bnb_modules
     from transformers import AutoTokenizer
 
+    from qlora_kit.evaluate import score
     from qlora_kit.merge import EVAL_BATCH, MergeConfig, _eval_and_calibration, merge
-    from qlora_kit.train import score
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16)  # read by every new Linear4bit
     cfg = MergeConfig(model=str(run_model), adapter=str(run_at_128), out=str(tmp_path / "out"), format="nf4",

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qlora_kit.data import (
-    IGNORE,
+    IGNORE_INDEX,
     Sequences,
     build_sequences,
     load_dataset,
@@ -31,10 +31,10 @@ def test_prompt_completion_masks_the_prompt(tok):
     ids, labels = tokenize({"prompt": "ROMEO: who keeps the moon?", "completion": " JULIET keeps it."}, tok)
     p = tok("ROMEO: who keeps the moon?", add_special_tokens=False)["input_ids"]
     assert ids[: len(p)] == p
-    assert labels[: len(p)] == [IGNORE] * len(p)
+    assert labels[: len(p)] == [IGNORE_INDEX] * len(p)
     assert labels[len(p):] == ids[len(p):]
     assert ids[-1] == tok.eos_token_id  # the completion ends with EOS, and EOS is trained
-    assert tok.decode([t for t in labels if t != IGNORE]) == " JULIET keeps it.<|im_end|>"
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " JULIET keeps it.<|im_end|>"
 
 
 def test_chat_masks_everything_but_assistant_turns(tok):
@@ -45,9 +45,9 @@ def test_chat_masks_everything_but_assistant_turns(tok):
             {"role": "assistant", "content": "Tybalt fears the night."}]
     ids, labels = tokenize({"messages": msgs}, tok)
     assert ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
-    trained = tok.decode([t for t in labels if t != IGNORE])
+    trained = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert trained == "Juliet loves the rose.<|im_end|>\nTybalt fears the night.<|im_end|>\n"
-    masked = tok.decode([t for t, y in zip(ids, labels, strict=True) if y == IGNORE])
+    masked = tok.decode([t for t, y in zip(ids, labels, strict=True) if y == IGNORE_INDEX])
     assert "Who loves the rose?" in masked and "Juliet" not in masked
 
 
@@ -57,15 +57,15 @@ def test_text_is_trained_everywhere(tok):
 
 
 def test_packing_and_padding():
-    ex = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9, 10], [6, 7, 8, 9, 10])]
+    ex = [([1, 2, 3], [IGNORE_INDEX, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9, 10], [6, 7, 8, 9, 10])]
     packed = build_sequences(ex, 4, pack=True, pad_id=0, eos_id=99)
     assert packed.input_ids.tolist() == [[1, 2, 3, 99], [4, 5, 99, 6], [7, 8, 9, 10]]  # EOS between documents
-    assert packed.labels.tolist() == [[IGNORE, 2, 3, 99], [4, 5, 99, 6], [7, 8, 9, 10]]
+    assert packed.labels.tolist() == [[IGNORE_INDEX, 2, 3, 99], [4, 5, 99, 6], [7, 8, 9, 10]]
     assert build_sequences(ex, 5, pack=True, pad_id=0, eos_id=99).input_ids.shape == (2, 5)  # the tail is dropped
     assert packed.attention_mask.all()
     padded = build_sequences(ex, 4, pack=False, pad_id=0, eos_id=99)
     assert padded.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]
-    assert padded.labels.tolist() == [[IGNORE, 2, 3, IGNORE], [4, 5, IGNORE, IGNORE], [6, 7, 8, 9]]
+    assert padded.labels.tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX], [4, 5, IGNORE_INDEX, IGNORE_INDEX], [6, 7, 8, 9]]
     assert padded.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
 
@@ -159,6 +159,6 @@ def test_unpacked_text_file_still_uses_all_of_it(tok, text_file):
 
 
 def test_rows_with_nothing_to_predict_are_dropped():
-    ex = [([1, 2, 3, 4], [1, IGNORE, IGNORE, IGNORE]), ([5, 6, 7, 8], [IGNORE, 6, IGNORE, IGNORE])]
+    ex = [([1, 2, 3, 4], [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]), ([5, 6, 7, 8], [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX])]
     seqs = build_sequences(ex, 4, pack=False, pad_id=0, eos_id=None)
     assert seqs.input_ids.tolist() == [[5, 6, 7, 8]]  # the first row's only label sits at position 0

@@ -15,7 +15,7 @@ import qlora_kit as qk
 from qlora_kit import memory
 from qlora_kit.cli import main
 from qlora_kit.config import QuantConfig, TrainConfig
-from qlora_kit.formats import make_optimizer, quantize
+from qlora_kit.formats import bytes_per_weight, make_optimizer, packed_layout, quantize
 from qlora_kit.layers import QuantLinear
 
 from .conftest import tiny_config
@@ -82,17 +82,17 @@ def test_packed_layout_is_what_quantize_makes(quant, double_quant, blocksize, sh
     if quant in ("nf4", "fp4") and shape[0] * shape[1] % blocksize:
         pytest.skip("does not split into blocks")
     packed = quantize(torch.randn(shape), cfg)
-    layout = memory.packed_layout(*shape, cfg)
+    layout = packed_layout(*shape, cfg)
     assert {k: (tuple(t.shape), t.dtype) for k, t in packed.items()} == layout
 
 
 def test_bytes_per_weight_is_the_qlora_arithmetic():
     nf4 = QuantConfig(quant="nf4", double_quant=True, blocksize=64)
-    assert memory.bytes_per_weight(nf4) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))  # 0.5159
-    assert memory.bytes_per_weight(QuantConfig(quant="nf4", double_quant=False)) == pytest.approx(0.5625)
+    assert bytes_per_weight(nf4) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))  # 0.5159
+    assert bytes_per_weight(QuantConfig(quant="nf4", double_quant=False)) == pytest.approx(0.5625)
     w = torch.randn(1024, 1024)
     tables = 4 * (16 + 256 + 1)  # code table, level-2 code table, offset: per layer, whatever its size
-    assert storage_bytes(quantize(w, nf4).values()) == memory.bytes_per_weight(nf4) * w.numel() + tables
+    assert storage_bytes(quantize(w, nf4).values()) == bytes_per_weight(nf4) * w.numel() + tables
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "qwen2"])

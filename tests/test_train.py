@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import qlora_kit as qk
+from qlora_kit.checkpoints import latest_checkpoint, save_checkpoint
 from qlora_kit.cli import main
 from qlora_kit.config import TrainConfig
-from qlora_kit.train import TrainingDiverged, latest_checkpoint, save_checkpoint, train
+from qlora_kit.train import TrainingDiverged, train
 
 
 def cfg_for(run_model, text_file, out, **kw):
@@ -121,7 +122,7 @@ def test_a_killed_checkpoint_write_leaves_the_last_good_one(run_model, text_file
         Path(path).write_bytes(b"partial")
         raise OSError("killed while writing")
 
-    monkeypatch.setattr("qlora_kit.train.save_file", half_written)
+    monkeypatch.setattr("qlora_kit.checkpoints.save_file", half_written)
     model = qk.load_quantized(cfg.model)
     qk.add_lora(model, r=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
