@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 from qlora_kit.config import QuantConfig, parse_dtype
 from qlora_kit.formats import packed_nbytes
+from qlora_kit.kernels import kernel_mode
 from qlora_kit.layers import QuantLinear
 
 BASELINES = ("dense", "dense+lora")  # always run; ratios are taken against "dense+lora"
@@ -134,8 +134,13 @@ def median_ms(step: Callable[..., None], make_inputs: Callable[[], tuple], devic
 
 def bench_one(kind: str, layer: nn.Module, shape: tuple[int, int], args: argparse.Namespace,
               device: torch.device) -> tuple[float, float | None]:
+    with kernel_mode("off" if kind.endswith("-bnb") else "auto"):
+        return _bench_one(layer, shape, args, device)
+
+
+def _bench_one(layer: nn.Module, shape: tuple[int, int], args: argparse.Namespace,
+               device: torch.device) -> tuple[float, float | None]:
     out_f, in_f = shape
-    os.environ["QLORA_KIT_KERNELS"] = "off" if kind.endswith("-bnb") else "auto"
 
     def train_inputs() -> tuple[Tensor, Tensor]:
         layer.zero_grad(set_to_none=True)  # as optimizer.zero_grad() would, so grads never accumulate

@@ -73,7 +73,7 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
             getattr(model, "config", None), "_name_or_path", None),
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)),
+        "lora_dropout": first.dropout,
         "target_modules": sorted(layers),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},

@@ -26,6 +26,7 @@ the flattened (out, in) weight, so a block may span two rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -127,6 +128,40 @@ def _quant_state(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], bl
         absmax=packed["absmax"], shape=torch.Size(shape), code=packed["quant_map"], blocksize=blocksize,
         quant_type=fmt, dtype=dtype, offset=packed["offset"][0] if state2 is not None else None, state2=state2,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """One frozen (out, in) weight in its stored form: format, shape, block size and packed tensors.
+
+    The value the kernels and the reference matmul take instead of the layer that holds it. The tensors are
+    the holder's own (a layer's buffers), not copies: `version()` tells whether any was changed in place.
+    """
+
+    quant: str
+    shape: tuple[int, int]
+    blocksize: int
+    tensors: dict[str, Tensor]
+
+    @property
+    def is_meta(self) -> bool:
+        return self.tensors["weight"].is_meta
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The dense (out, in) weight in `dtype`; on the meta device (a memory estimate) an empty one, which
+        allocates what the real decode allocates."""
+        if self.is_meta and self.quant != "none":
+            return torch.empty(self.shape, dtype=dtype, device="meta")
+        return dequantize(self.tensors, self.quant, self.shape, self.blocksize, dtype)
+
+    def version(self) -> tuple[int, ...]:
+        """The in-place version counters of the tensors (they change when a tensor is written to)."""
+        return tuple(t._version for t in self.tensors.values())
+
+    def check_unchanged(self, versions: tuple[int, ...] | None) -> None:
+        """Refuse a backward through a weight modified in place since its forward (None: not checked)."""
+        if versions is not None and self.version() != versions:
+            raise RuntimeError("a frozen base weight was modified in place between forward and backward")
 
 
 def dequantize(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,

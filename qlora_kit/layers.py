@@ -27,21 +27,19 @@ class _FrozenBaseMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
-        ctx.layer = layer  # a reference to the module: its packed buffers, nothing dense
-        ctx.versions = layer.packed_versions()
-        if layer.fmt == "int8" and layer.int8_threshold > 0 and not layer.weight.is_meta:
-            return formats.int8_mixed_matmul(x, layer.packed(), layer.int8_threshold, layer.compute_dtype)
-        return x @ layer.dequantize().t()  # (..., in) @ (in, out) -> (..., out)
+    def forward(ctx, x: Tensor, weight: formats.PackedWeight, compute_dtype: torch.dtype, int8_threshold: float,
+                versions: tuple[int, ...] | None) -> Tensor:
+        ctx.weight, ctx.versions = weight, versions  # the packed tensors (the layer's own), nothing dense
+        if weight.quant == "int8" and int8_threshold > 0 and not weight.is_meta:
+            return formats.int8_mixed_matmul(x, weight.tensors, int8_threshold, compute_dtype)
+        return x @ weight.dequantize(compute_dtype).t()  # (..., in) @ (in, out) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None
-        if ctx.layer.packed_versions() != ctx.versions:
-            raise RuntimeError("a frozen base weight was modified in place between forward and backward")
-        w = ctx.layer.dequantize(grad_out.dtype)  # (out, in)
-        return grad_out @ w, None
+            return None, None, None, None, None
+        ctx.weight.check_unchanged(ctx.versions)
+        return grad_out @ ctx.weight.dequantize(grad_out.dtype), None, None, None, None  # (out, in)
 
 
 class _LoRABranch(torch.autograd.Function):
@@ -96,7 +94,7 @@ class QuantLinear(nn.Module):
                  bias: Tensor | None = None, fan_in_fan_out: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.fmt, self.blocksize = cfg.quant, cfg.blocksize
+        self.quant, self.blocksize = cfg.quant, cfg.blocksize
         self.compute_dtype = cfg.compute_dtype
         self.int8_threshold = cfg.int8_threshold
         self.fan_in_fan_out = fan_in_fan_out  # the source stored the weight as (in, out), like GPT-2's Conv1D
@@ -108,7 +106,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(cfg.compute_dtype), requires_grad=False)
         self.lora_A: nn.Parameter | None = None  # (r, in)
         self.lora_B: nn.Parameter | None = None  # (out, r)
-        self.lora_dropout: nn.Module = nn.Identity()
+        self.dropout = 0.0  # on the LoRA branch's input, in training
         self.r, self.lora_alpha, self.scaling, self.rslora = 0, 0.0, 0.0, False
         self.lora_enabled = True
         self.packed_as_parameters = False  # see make_packed_parameters
@@ -125,10 +123,14 @@ class QuantLinear(nn.Module):
     def packed(self) -> dict[str, Tensor]:
         return {key: getattr(self, name) for key, name in self._packed_names}
 
-    def packed_versions(self) -> tuple[int, ...]:
-        if self.packed_as_parameters:  # FSDP2 refills the gathered tensors for every use: nothing to compare
-            return ()
-        return tuple(getattr(self, name)._version for _, name in self._packed_names)
+    def packed_weight(self) -> formats.PackedWeight:
+        """The base weight as one value: format, (out, in) shape, block size and this layer's packed tensors."""
+        return formats.PackedWeight(self.quant, (self.out_features, self.in_features), self.blocksize, self.packed())
+
+    def packed_versions(self) -> tuple[int, ...] | None:
+        """The packed tensors' versions, to check in backward; None under FSDP2, which refills the gathered
+        tensors for every use."""
+        return None if self.packed_as_parameters else self.packed_weight().version()
 
     SHARDED = ("weight", "weight_absmax", "weight_scb")  # the packed tensors that grow with the layer
 
@@ -146,7 +148,7 @@ class QuantLinear(nn.Module):
         # touch the packed codes and their fp32 scales (it would corrupt them), nor the LoRA factors
         # (their dtype is the adapter dtype). It changes the compute dtype instead.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
-        packed = {} if self.fmt == "none" else {
+        packed = {} if self.quant == "none" else {
             n: self._buffers.pop(n) if n in self._buffers else self._parameters.pop(n) for _, n in self._packed_names}
         lora = {n: self._parameters.pop(n) for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None}
         try:
@@ -166,15 +168,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense (out, in) base weight this layer computes with."""
-        if self.weight.is_meta:  # a memory estimate: shapes only, allocating what the real path allocates
-            if self.fmt == "none":
-                return self.weight.to(dtype or self.compute_dtype)
-            return torch.empty(self.out_features, self.in_features, dtype=dtype or self.compute_dtype, device="meta")
-        return formats.dequantize(self.packed(), self.fmt, (self.out_features, self.in_features),
-                                  self.blocksize, dtype or self.compute_dtype)
+        return self.packed_weight().dequantize(dtype or self.compute_dtype)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        y = _FrozenBaseMatmul.apply(x.to(self.compute_dtype), self)
+        y = _FrozenBaseMatmul.apply(x.to(self.compute_dtype), self.packed_weight(), self.compute_dtype,
+                                    self.int8_threshold, self.packed_versions())
         return y if self.bias is None else y + self.bias
 
     # ---- LoRA ------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ class QuantLinear(nn.Module):
             nn.init.normal_(self.lora_A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = float(dropout)
         self.r = r
         self.set_scale(alpha, rslora)
 
@@ -205,9 +203,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lora = self.lora_A is not None and self.lora_enabled
-        p = self.lora_dropout.p if lora and self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if kernels.use_triton(self, x):  # nf4 / fp4 on a GPU: the fused kernels
-            return kernels.quant_lora_linear(self, x, lora, p)
+        p = self.dropout if lora and self.training else 0.0
+        if kernels.use_triton(self.packed_weight(), self.bias, self.compute_dtype, x):  # nf4 / fp4 on a GPU
+            return kernels.quant_lora_linear(x, self.packed_weight(), self.bias, self.compute_dtype,
+                                             self.lora_A if lora else None, self.lora_B if lora else None,
+                                             self.scaling if lora else 0.0, p, self.packed_versions())
         y = self.base_forward(x)  # (..., out) in the compute dtype
         if not lora:
             return y
@@ -215,5 +215,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         lora = f", r={self.r}, alpha={self.lora_alpha:g}" if self.lora_A is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}, "
                 f"bias={self.bias is not None}{lora}")

@@ -121,7 +121,7 @@ def _requantize(layer: QuantLinear, merged: torch.Tensor, q: QuantConfig, method
     # Two candidate grids: the base's own scales (a small update then moves only the codes it must)
     # and fresh scales from the merged weight (needed when the update is large enough to change a
     # block's range). Codes are chosen by error feedback on each; the lower output error wins.
-    candidates = [("fresh", fresh)] + ([("base", layer.packed())] if fmt == layer.fmt else [])
+    candidates = [("fresh", fresh)] + ([("base", layer.packed())] if fmt == layer.quant else [])
     best = None
     for label, like in candidates:
         scales = formats.block_scales(like, fmt, shape, q.blocksize)
@@ -286,7 +286,7 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, e
             if value is None and not cfg.quantized:  # a layer the adapter did not touch
                 value = module.dequantize(torch.float32).to(dense_dtype)
             elif value is None:
-                value = module.packed() if module.fmt == cfg.format else formats.quantize(
+                value = module.packed() if module.quant == cfg.format else formats.quantize(
                     module.dequantize(torch.float32), export_q)
             if isinstance(value, dict):
                 for k, t in formats.bnb_checkpoint_tensors(value, cfg.format,

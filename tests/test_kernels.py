@@ -117,7 +117,20 @@ def test_decode_kernel_matches_float64(fmt, double_quant, dtype, rows):
     assert rel_err(plain, x.double() @ w32.t()) < TOL[dtype]
 
 
-def test_odd_width_never_takes_the_decode_kernel():
+@pytest.fixture
+def launched(monkeypatch):
+    """The kernels fourbit launches, in order (a spy on its launcher)."""
+    names, launch = [], fourbit._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append("decode" if kernel is fourbit._decode else "tiled" if kernel is fourbit._forward else "other")
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fourbit, "_launch", spy)
+    return names
+
+
+def test_odd_width_never_takes_the_decode_kernel(launched):
     """With an odd K rows do not start on a byte boundary: the tiled kernel serves even a single row."""
     n, k = 64, 33
     g = torch.Generator().manual_seed(0)
@@ -126,14 +139,18 @@ def test_odd_width_never_takes_the_decode_kernel():
     packed = {key: t.to(DEVICE) for key, t in packed.items()}
     x = rand(1, k)
     assert rel_err(fourbit.forward(x, packed, n, 64, decode=True), x.double() @ w.t()) < TOL[torch.float32]
+    assert launched == ["tiled"]
 
 
-def test_decode_is_the_default_for_few_rows_and_agrees_with_the_tiled_kernel():
-    packed, _ = packed_weight("nf4", True, torch.float32)
+def test_decode_is_the_default_for_few_rows_and_agrees_with_the_tiled_kernel(launched):
+    packed, w = packed_weight("nf4", True, torch.float32)
     x = rand(fourbit.DECODE_ROWS, K)
     auto = fourbit.forward(x, packed, N, 64)
     tiled = fourbit.forward(x, packed, N, 64, decode=False)
-    assert rel_err(auto, tiled) < 1e-6
+    more = fourbit.forward(rand(fourbit.DECODE_ROWS + 1, K), packed, N, 64)
+    assert launched == ["decode", "tiled", "tiled"]  # the default took the decode kernel, and only up to its limit
+    assert rel_err(auto, tiled) < 1e-6 and rel_err(auto, x.double() @ w.t()) < TOL[torch.float32]
+    assert more.shape == (fourbit.DECODE_ROWS + 1, N)
 
 
 # ---- the layer: kernels against the reference path ------------------------------------------------
@@ -149,13 +166,13 @@ def make_layer(fmt, dtype, r, dropout=0.0, bias=True, seed=0, out_f=N, in_f=K):
     return layer.train()
 
 
-def run(layer, x, grad_out, kernel_mode, monkeypatch, seed=7):
-    monkeypatch.setenv("QLORA_KIT_KERNELS", kernel_mode)
+def run(layer, x, grad_out, mode, seed=7):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # the same dropout mask on both paths
-    y = layer(x)
-    y.backward(grad_out)
+    with kernels.kernel_mode(mode):
+        y = layer(x)
+        y.backward(grad_out)
     return y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad
 
 
@@ -168,8 +185,8 @@ def test_layer_through_kernels_equals_reference_path(fmt, dtype, r, dropout, bia
         monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 4)
     layer = make_layer(fmt, dtype, r, dropout, bias)
     x, grad_out = rand(2, 9, K, dtype=dtype), rand(2, 9, N, dtype=dtype, seed=2)
-    got = run(layer, x, grad_out, "triton", monkeypatch)
-    want = run(layer, x, grad_out, "off", monkeypatch)
+    got = run(layer, x, grad_out, "triton")
+    want = run(layer, x, grad_out, "off")
     # the reference path rounds the LoRA output to the compute dtype before adding it; the kernel adds in fp32
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2 if INTERPRETING else 1.5e-2}[dtype]
     for name, a, b in zip(("y", "grad x", "grad A", "grad B"), got, want, strict=True):
@@ -178,31 +195,43 @@ def test_layer_through_kernels_equals_reference_path(fmt, dtype, r, dropout, bia
     assert layer.bias is None or layer.bias.grad is None  # the bias is frozen with the base
 
 
+def uses_kernels(layer, x) -> bool:
+    return kernels.use_triton(layer.packed_weight(), layer.bias, layer.compute_dtype, x)
+
+
 def test_layer_uses_the_kernels_only_where_it_should(monkeypatch):
     nf4, int8 = make_layer("nf4", torch.float32, 4), make_layer("int8", torch.float32, 4)
     x = rand(3, K)
-    monkeypatch.setenv("QLORA_KIT_KERNELS", "triton")
-    assert kernels.use_triton(nf4, x) and not kernels.use_triton(int8, x)
-    assert not kernels.use_triton(nf4, x.to("meta"))
-    monkeypatch.setenv("QLORA_KIT_KERNELS", "auto")
-    assert kernels.use_triton(nf4, x) == x.is_cuda
-    monkeypatch.setenv("QLORA_KIT_KERNELS", "off")
-    assert not kernels.use_triton(nf4, x)
+    with kernels.kernel_mode("triton"):
+        assert uses_kernels(nf4, x) and not uses_kernels(int8, x)
+        assert not uses_kernels(nf4, x.to("meta"))
+    with kernels.kernel_mode("auto"):
+        assert uses_kernels(nf4, x) == x.is_cuda
+    with kernels.kernel_mode("off"):
+        assert not uses_kernels(nf4, x)
+    with pytest.raises(ValueError, match="kernel mode 'fast'"):
+        with kernels.kernel_mode("fast"):
+            pass
+    monkeypatch.setattr(kernels, "_mode", None)  # as before the first forward: the variable is read then
     monkeypatch.setenv("QLORA_KIT_KERNELS", "fast")
     with pytest.raises(ValueError, match="QLORA_KIT_KERNELS='fast'"):
-        kernels.use_triton(nf4, x)
-
-
-def test_frozen_weight_changed_before_backward_is_caught(monkeypatch):
-    layer = make_layer("nf4", torch.float32, 4)
+        uses_kernels(nf4, x)
+    monkeypatch.setenv("QLORA_KIT_KERNELS", "off")
+    assert not uses_kernels(nf4, x) and kernels.mode() == "off"
     monkeypatch.setenv("QLORA_KIT_KERNELS", "triton")
-    y = layer(rand(2, K).requires_grad_(True))
-    layer.weight.add_(1)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        y.sum().backward()
+    assert kernels.mode() == "off"  # read once
 
 
-def test_tiny_model_trains_the_same_through_kernels(model_dirs, monkeypatch):
+def test_frozen_weight_changed_before_backward_is_caught():
+    layer = make_layer("nf4", torch.float32, 4)
+    with kernels.kernel_mode("triton"):
+        y = layer(rand(2, K).requires_grad_(True))
+        layer.weight.add_(1)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            y.sum().backward()
+
+
+def test_tiny_model_trains_the_same_through_kernels(model_dirs):
     """A whole decoder (nf4 + double quant, LoRA on every linear, dropout) through the kernels and through
     the reference path: same loss and same LoRA gradients."""
     from qlora_kit.loading import load_quantized
@@ -217,12 +246,12 @@ def test_tiny_model_trains_the_same_through_kernels(model_dirs, monkeypatch):
             if "lora_B" in name:
                 p.normal_(std=0.02)
 
-    def step(kernel_mode):
-        monkeypatch.setenv("QLORA_KIT_KERNELS", kernel_mode)
+    def step(mode):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(3)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with kernels.kernel_mode(mode):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_k, grads_k = step("triton")

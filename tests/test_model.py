@@ -178,7 +178,7 @@ def test_add_lora_on_a_plain_transformers_model(model_dirs):
     qk.add_lora(plain, r=4)
     with torch.no_grad():
         assert rel_err(plain(ids).logits, before) < 1e-6
-    assert all(m.fmt == "none" for m in qk.lora_layers(plain).values())
+    assert all(m.quant == "none" for m in qk.lora_layers(plain).values())
 
 
 def test_parameter_report_arithmetic(model_dirs):

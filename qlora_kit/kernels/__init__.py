@@ -1,6 +1,6 @@
 """When the Triton 4-bit kernels run, and the autograd function that runs them.
 
-QLORA_KIT_KERNELS chooses:
+QLORA_KIT_KERNELS (read once, at the first forward; `kernel_mode` changes it for a block) chooses:
   auto    (default) Triton for nf4 / fp4 layers on CUDA tensors, when triton imports;
   triton  also on CPU tensors, which Triton runs only in its interpreter (TRITON_INTERPRET=1): the tests;
   off     formats.dequantize and a torch matmul everywhere (the reference path).
@@ -10,11 +10,16 @@ the reference path in layers.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from ..config import FOUR_BIT
+from ..formats import PackedWeight
 
 MODES = ("auto", "triton", "off")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,11 +31,32 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_ROWS = 256
 
 
+_mode: str | None = None  # QLORA_KIT_KERNELS, read on first use
+
+
 def mode() -> str:
-    value = os.environ.get("QLORA_KIT_KERNELS", "auto").strip().lower() or "auto"
+    """The kernel mode: QLORA_KIT_KERNELS as it was at the first forward, or what `kernel_mode` set."""
+    global _mode
+    if _mode is None:
+        value = os.environ.get("QLORA_KIT_KERNELS", "auto").strip().lower() or "auto"
+        if value not in MODES:
+            raise ValueError(f"QLORA_KIT_KERNELS={value!r}: use one of {', '.join(MODES)}")
+        _mode = value
+    return _mode
+
+
+@contextlib.contextmanager
+def kernel_mode(value: str) -> Iterator[None]:
+    """Run the block with the kernel mode `value` (auto, triton, off), then restore the previous one."""
+    global _mode
     if value not in MODES:
-        raise ValueError(f"QLORA_KIT_KERNELS={value!r}: use one of {', '.join(MODES)}")
-    return value
+        raise ValueError(f"kernel mode {value!r}: use one of {', '.join(MODES)}")
+    before = _mode
+    _mode = value
+    try:
+        yield
+    finally:
+        _mode = before
 
 
 @functools.cache
@@ -42,13 +68,13 @@ def triton_importable() -> bool:
     return True
 
 
-def use_triton(layer, x: Tensor) -> bool:
-    """Whether `layer` (a QuantLinear) computes `x` with the Triton kernels."""
-    if layer.fmt not in ("nf4", "fp4") or layer.weight.is_meta or x.is_meta:
+def use_triton(weight: PackedWeight, bias: Tensor | None, compute_dtype: torch.dtype, x: Tensor) -> bool:
+    """Whether a layer with this weight, bias and compute dtype computes `x` with the Triton kernels."""
+    if weight.quant not in FOUR_BIT or weight.is_meta or x.is_meta:
         return False
-    if layer.compute_dtype not in COMPUTE_DTYPES:
+    if compute_dtype not in COMPUTE_DTYPES:
         return False
-    if layer.bias is not None and layer.bias.requires_grad:  # the kernels treat the bias as frozen
+    if bias is not None and bias.requires_grad:  # the kernels treat the bias as frozen
         return False
     m = mode()
     if m == "off" or not (x.is_cuda or m == "triton"):
@@ -69,18 +95,19 @@ class QuantLoRALinear(torch.autograd.Function):
     the 4-bit tiles inside the matmul with the LoRA product and the bias in its epilogue; above it, a
     transient decoded weight, cuBLAS, and addmm of the LoRA product into the output. Backward: ga =
     scaling * dy @ B, the factors' gradients from xa and ga, and dx = dy @ W + dropout'(ga @ A) the same two
-    ways. Kept for backward: x as it came (shared by every layer that reads it), a 1-byte dropout mask, xa.
+    ways. Kept for backward: x as it came (shared by every layer that reads it), a 1-byte dropout mask, xa,
+    and the packed weight (the layer's own tensors).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, A: Tensor | None, B: Tensor | None, layer, scaling: float, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: PackedWeight, bias: Tensor | None, cd: torch.dtype, A: Tensor | None,
+                B: Tensor | None, scaling: float, p: float, versions: tuple[int, ...] | None) -> Tensor:
         from . import fourbit
 
-        lead, K, N = x.shape[:-1], layer.in_features, layer.out_features
-        cd = layer.compute_dtype
+        (N, K), lead = weight.shape, x.shape[:-1]
         x2 = x.reshape(-1, K).to(cd).contiguous()  # (T, K)
-        ctx.layer, ctx.versions, ctx.scaling, ctx.p = layer, layer.packed_versions(), scaling, p
+        ctx.weight, ctx.versions, ctx.cd, ctx.scaling, ctx.p = weight, versions, cd, scaling, p
         ctx.fused = x2.shape[0] <= FUSED_MAX_ROWS
         keep = xa = None
         if A is not None:
@@ -91,10 +118,10 @@ class QuantLoRALinear(torch.autograd.Function):
             xa = (xd @ A.to(cd).t()).to(A.dtype)  # (T, r)
             del xd
         if ctx.fused:
-            y = fourbit.forward(x2, layer.packed(), N, layer.blocksize, xa=xa, B=B, scaling=scaling, bias=layer.bias)
+            y = fourbit.forward(x2, weight.tensors, N, weight.blocksize, xa=xa, B=B, scaling=scaling, bias=bias)
         else:
-            w = layer.dequantize(cd)  # (N, K), freed on return
-            y = x2 @ w.t() if layer.bias is None else torch.addmm(layer.bias.to(cd), x2, w.t())
+            w = weight.dequantize(cd)  # (N, K), freed on return
+            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(cd), x2, w.t())
             del w
             if xa is not None:
                 y.addmm_(xa.to(cd), B.to(cd).t(), alpha=scaling)
@@ -107,17 +134,16 @@ class QuantLoRALinear(torch.autograd.Function):
         from . import fourbit
 
         x, keep, xa, A, B = ctx.saved_tensors
-        layer = ctx.layer
-        if layer.packed_versions() != ctx.versions:
-            raise RuntimeError("a frozen base weight was modified in place between forward and backward")
-        K, N, cd = layer.in_features, layer.out_features, layer.compute_dtype
+        weight, cd = ctx.weight, ctx.cd
+        weight.check_unchanged(ctx.versions)
+        (N, K) = weight.shape
         g2 = grad.reshape(-1, N).to(cd).contiguous()  # (T, N)
         grad_A = grad_B = ga = None
         if A is not None:
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[5]:
                 grad_B = ((g2.t() @ xa.to(cd)).float() * ctx.scaling).to(B.dtype)  # (N, r)
             ga = (g2 @ B.to(cd)).float() * ctx.scaling  # (T, r)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[4]:
                 xd = x.reshape(-1, K).to(cd)
                 if keep is not None:
                     xd = xd * keep / (1 - ctx.p)
@@ -126,19 +152,21 @@ class QuantLoRALinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.fused:
-                dx = fourbit.input_grad(g2, layer.packed(), K, layer.blocksize, ga=ga, A=A, keep=keep, p=ctx.p)
+                dx = fourbit.input_grad(g2, weight.tensors, K, weight.blocksize, ga=ga, A=A, keep=keep, p=ctx.p)
             else:
-                w = layer.dequantize(cd)
+                w = weight.dequantize(cd)
                 dx = g2 @ w
                 del w
                 if ga is not None:
                     lora = ga.to(cd) @ A.to(cd)  # (T, K)
                     dx += lora * keep / (1 - ctx.p) if keep is not None else lora
             grad_x = dx.reshape(x.shape).to(x.dtype)
-        return grad_x, grad_A, grad_B, None, None, None
+        return grad_x, None, None, None, grad_A, grad_B, None, None, None
 
 
-def quant_lora_linear(layer, x: Tensor, lora: bool, p: float) -> Tensor:
-    """The layer's forward through the kernels: base plus, when `lora`, its LoRA branch with dropout p."""
-    A, B = (layer.lora_A, layer.lora_B) if lora else (None, None)
-    return QuantLoRALinear.apply(x, A, B, layer, layer.scaling if lora else 0.0, p)
+def quant_lora_linear(x: Tensor, weight: PackedWeight, bias: Tensor | None, compute_dtype: torch.dtype,
+                      A: Tensor | None, B: Tensor | None, scaling: float, p: float,
+                      versions: tuple[int, ...] | None) -> Tensor:
+    """A QuantLinear's forward through the kernels: the base, plus the LoRA branch (A, B; dropout p) when A
+    is given; `versions` of the packed tensors are checked in backward (None: not checked)."""
+    return QuantLoRALinear.apply(x, weight, bias, compute_dtype, A, B, scaling, p, versions)

@@ -7,8 +7,9 @@ consecutive values. With double quantization a scale is itself a uint8 code:
 
   _forward_kernel  Y = X @ W.T  (+ s * XA @ B.T)  (+ bias)                 (M, K) -> (M, N)
   _input_grad_kernel  dX = dY @ W  (+ keep / (1-p) * (GA @ A))            (M, N) -> (M, K)
-  _decode_kernel   the forward for a few rows (decoding): reads each packed byte once, split over
-                   many programs along N, with the same LoRA and bias epilogue.
+  _decode_kernel   the forward for a few rows (decoding): a (N / BN, M) grid, each program one row of X
+                   and BN outputs, so each packed byte is read once per row (once for a single token),
+                   split over many programs along N, with the same LoRA and bias epilogue.
 
 The LoRA factors enter as already-small products: XA = dropout(X) @ A.T (M, r) and GA = s * dY @ B
 (M, r), which the caller keeps for the factors' own gradients. Every tile accumulates in fp32.
@@ -157,7 +158,8 @@ def _decode_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_pt
                    xa_ptr, b_ptr, bias_ptr, y_ptr, N, K, R, scaling,
                    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr):
-    """One row of Y, BN outputs per program; each step reads a (BN, BK2) tile of packed bytes once."""
+    """One row of Y, BN outputs per program; each step reads a (BN, BK2) tile of packed bytes (again for each
+    row of X: the grid is (N / BN, M))."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     dtype = x_ptr.dtype.element_ty

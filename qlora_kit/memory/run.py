@@ -29,7 +29,7 @@ def register_static(model: nn.Module, tracker: LiveTensors) -> None:
         tracker.add(t, "LoRA parameters" if t.requires_grad else "quantized weights" if quantized
                     else "unquantized weights")
     for module in model.modules():  # packed buffers (or, under FSDP, parameters): re-filed
-        if isinstance(module, QuantLinear) and module.fmt != "none":
+        if isinstance(module, QuantLinear) and module.quant != "none":
             for t in module.packed().values():
                 tracker.add(t, "quantized weights")
 
