@@ -122,8 +122,9 @@ class DecodedLinear(torch.nn.Module):
 
 
 def decoded_export(folder):
-    """Plain transformers (fp32) with every bitsandbytes weight of an export decoded by tests/reference.py into
-    the export's compute dtype."""
+    """Plain transformers with every bitsandbytes weight of an export decoded by tests/reference.py into the
+    export's compute dtype, and the other tensors in the export's dtype: what transformers builds when it loads
+    the export (it keeps a bitsandbytes checkpoint's unquantized tensors in the checkpoint's dtype)."""
     import json
 
     from safetensors.torch import load_file
@@ -132,7 +133,7 @@ def decoded_export(folder):
     config = AutoConfig.from_pretrained(folder)
     compute = getattr(torch, config.quantization_config["bnb_4bit_compute_dtype"])
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype).eval()
     tensors = load_file(str(folder / "model.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
