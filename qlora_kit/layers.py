@@ -48,41 +48,38 @@ class _LoRABranch(torch.autograd.Function):
 
     The usual graph keeps an fp32 copy of x, the fp32 dropout noise and the dropped input, for every
     target layer, even when q, k and v read the same x. Here x is kept as it came (one storage shared
-    by all layers that read it) and the dropped input is rebuilt in backward from x and the mask.
+    by all layers that read it) and the dropped input is rebuilt in backward from x and the mask. The
+    scalings (1 / (1 - p) and alpha / r) go on the rank-r products, so no (tokens, in) or (tokens, out)
+    tensor is made just to scale it.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float, out_dtype: torch.dtype) -> Tensor:
-        xa = x.to(A.dtype)
-        keep = None
-        if p > 0:
-            keep = torch.rand(x.shape, device=x.device) >= p
-            xa = xa * keep / (1 - p)
-        a = xa @ A.t()  # (..., r)
-        del xa
+        keep, inv_keep = kernels.dropout_mask(x, p)
+        a = kernels.masked(x, A.dtype, keep) @ A.t()  # (..., r)
+        if keep is not None:
+            a.mul_(inv_keep)
         ctx.save_for_backward(x, keep, a, A, B)
-        ctx.scaling, ctx.p = scaling, p
-        return ((a @ B.t()) * scaling).to(out_dtype)
+        ctx.scaling, ctx.inv_keep = scaling, inv_keep
+        return ((a * scaling) @ B.t()).to(out_dtype)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: Tensor):
         x, keep, a, A, B = ctx.saved_tensors
-        g = grad.to(A.dtype) * ctx.scaling  # (..., out)
-        grad_B = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).to(A.dtype)  # (out, r)
-        ga = g @ B.to(g.dtype)  # (..., r)
+        g = grad.to(A.dtype)  # (..., out); no copy when the dtypes agree
+        grad_B = (g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).to(A.dtype)).mul_(ctx.scaling)
+        ga = (g @ B.to(g.dtype)).mul_(ctx.scaling * ctx.inv_keep)  # (..., r): the gradient at dropout(x) @ A.T
         del g
-        xa = x.to(A.dtype)
-        if keep is not None:
-            xa = xa * keep / (1 - ctx.p)
-        grad_A = ga.reshape(-1, ga.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])  # (r, in)
-        del xa
+        xd = kernels.masked(x, A.dtype, keep)
+        grad_A = ga.reshape(-1, ga.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+        del xd
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = ga @ A.to(ga.dtype)
             if keep is not None:
-                grad_x = grad_x * keep / (1 - ctx.p)
+                grad_x.mul_(keep)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_A.to(A.dtype), grad_B.to(B.dtype), None, None, None
 

@@ -180,25 +180,30 @@ def test_int8_threshold_mixed_decomposition_trains():
 
 
 
-def test_lora_branch_gradients_with_dropout_float64():
-    """The fused LoRA branch's backward (mask rebuilt from x) against finite differences, dropout on."""
+def test_lora_branch_gradients_with_dropout_float64(monkeypatch):
+    """The fused LoRA branch's backward (mask rebuilt from x) against finite differences, dropout on; its
+    output against the definition, with the mask the branch drew."""
+    from qlora_kit import kernels
     from qlora_kit.layers import _LoRABranch
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
     a = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    drawn, draw = [], kernels.dropout_mask
+    monkeypatch.setattr(kernels, "dropout_mask", lambda x, p: drawn.append(draw(x, p)) or drawn[-1])
 
     def branch(x, a, b):
         torch.manual_seed(1)  # the same dropout mask on every call
         return _LoRABranch.apply(x, a, b, 0.75, 0.3, torch.float64)
 
     assert torch.autograd.gradcheck(branch, (x, a, b))
-    torch.manual_seed(1)
-    keep = torch.rand(x.shape) >= 0.3
-    expected = 0.75 * ((x * keep / 0.7) @ a.t()) @ b.t()
-    assert torch.allclose(branch(x, a, b), expected, rtol=1e-12, atol=1e-12)
-    assert 0.5 < keep.float().mean() < 0.9
+    y = branch(x, a, b)
+    keep, scale = drawn[-1]
+    assert keep.shape == x.shape and keep.element_size() == 1 and scale == 1 / 0.7
+    expected = 0.75 * ((x * keep.double() / 0.7) @ a.t()) @ b.t()
+    assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+    assert 0.5 < keep.double().mean() < 0.9
 
 
 def test_lora_branch_keeps_a_byte_mask_not_fp32_copies():

@@ -71,6 +71,34 @@ def test_live_tensor_count_follows_allocations_views_and_frees():
     assert tr.by_category["LoRA gradients"] == 40 and tr.by_category["LoRA parameters"] == 0 and tr.current == 40
 
 
+def test_live_count_of_one_layer_step_is_the_hand_arithmetic():
+    """A reference for the counter that does not come from it: one LoRA layer (nf4, double quant, fp32, dropout)
+    trained one step; what is alive after the forward and after the backward, summed by hand from the shapes."""
+    T, n_in, n_out, r = 64, 128, 96, 8
+    cfg = QuantConfig(quant="nf4", double_quant=True, blocksize=64, compute_dtype=torch.float32)
+    layer = QuantLinear.from_dense(torch.randn(n_out, n_in), cfg)
+    layer.attach_lora(r, 16.0, dropout=0.1)
+    layer.train()
+    x, g = torch.randn(T, n_in, requires_grad=True), torch.randn(T, n_out)
+    blocks = n_out * n_in // 64
+    packed = n_out * n_in // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)  # codes, scales, tables
+    lora = 4 * r * (n_in + n_out)
+    inputs = 4 * T * (n_in + n_out)  # x and the output gradient
+    tr = memory.LiveTensors()
+    for t in [*layer.packed().values(), layer.lora_A, layer.lora_B, x, g]:
+        tr.add(t, "LoRA parameters" if t.requires_grad else "quantized weights")
+    assert tr.current == packed + lora + inputs
+    with tr:
+        y = layer(x)
+        # the output, the (tokens, r) product and a 1-byte dropout mask; nothing dense of the weight
+        assert tr.current == packed + lora + inputs + 4 * T * n_out + 4 * T * r + T * n_in
+        y.backward(g)
+        # saved tensors gone; the gradients of x, A and B
+        assert tr.current == packed + lora + inputs + 4 * T * n_out + 4 * T * n_in + lora
+    # during the backward the weight was dequantized (fp32) beside the input gradient
+    assert tr.peak >= packed + lora + inputs + 4 * T * n_out + 4 * n_out * n_in + 4 * T * n_in
+
+
 # ---- the arithmetic of the static parts -----------------------------------------------------------
 
 @pytest.mark.parametrize("quant,double_quant,blocksize", [

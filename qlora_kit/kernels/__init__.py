@@ -88,6 +88,23 @@ def use_triton(weight: PackedWeight, bias: Tensor | None, compute_dtype: torch.d
     return True
 
 
+def dropout_mask(x: Tensor, p: float) -> tuple[Tensor | None, float]:
+    """The LoRA branch's input dropout, the same on both paths: a 1-byte keep mask shaped like x (kept with
+    probability 1 - p, drawn without fp32 noise) and the factor 1 / (1 - p), which the callers put on the
+    rank-r products rather than on x. (None, 1.0) when p is 0."""
+    if p <= 0:
+        return None, 1.0
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p), 1.0 / (1 - p)
+
+
+def masked(x: Tensor, dtype: torch.dtype, keep: Tensor | None) -> Tensor:
+    """x in `dtype` with the dropped elements zeroed: at most one new (tokens, in) tensor."""
+    t = x.to(dtype)
+    if keep is None:
+        return t
+    return t.mul_(keep) if t is not x else t * keep
+
+
 class QuantLoRALinear(torch.autograd.Function):
     """y = x @ dequant(W).T + scaling * dropout(x) @ A.T @ B.T + bias, never keeping a 16-bit weight.
 
@@ -96,7 +113,7 @@ class QuantLoRALinear(torch.autograd.Function):
     transient decoded weight, cuBLAS, and addmm of the LoRA product into the output. Backward: ga =
     scaling * dy @ B, the factors' gradients from xa and ga, and dx = dy @ W + dropout'(ga @ A) the same two
     ways. Kept for backward: x as it came (shared by every layer that reads it), a 1-byte dropout mask, xa,
-    and the packed weight (the layer's own tensors).
+    and the packed weight (the layer's own tensors). The dropout's 1 / (1 - p) goes on the rank-r products.
     """
 
     @staticmethod
@@ -111,12 +128,9 @@ class QuantLoRALinear(torch.autograd.Function):
         ctx.fused = x2.shape[0] <= FUSED_MAX_ROWS
         keep = xa = None
         if A is not None:
-            xd = x2
-            if p > 0:
-                keep = torch.rand(x2.shape, device=x.device) >= p
-                xd = x2 * keep / (1 - p)
-            xa = (xd @ A.to(cd).t()).to(A.dtype)  # (T, r)
-            del xd
+            keep, inv_keep = dropout_mask(x2, p)
+            xa = masked(x2, cd, keep) @ A.to(cd).t()  # (T, r)
+            xa = (xa.mul_(inv_keep) if keep is not None else xa).to(A.dtype)
         if ctx.fused:
             y = fourbit.forward(x2, weight.tensors, N, weight.blocksize, xa=xa, B=B, scaling=scaling, bias=bias)
         else:
@@ -144,11 +158,8 @@ class QuantLoRALinear(torch.autograd.Function):
                 grad_B = ((g2.t() @ xa.to(cd)).float() * ctx.scaling).to(B.dtype)  # (N, r)
             ga = (g2 @ B.to(cd)).float() * ctx.scaling  # (T, r)
             if ctx.needs_input_grad[4]:
-                xd = x.reshape(-1, K).to(cd)
-                if keep is not None:
-                    xd = xd * keep / (1 - ctx.p)
-                grad_A = (ga.to(cd).t() @ xd).to(A.dtype)  # (r, K)
-                del xd
+                inv_keep = 1.0 / (1 - ctx.p) if keep is not None else 1.0
+                grad_A = ((ga * inv_keep).to(cd).t() @ masked(x.reshape(-1, K), cd, keep)).to(A.dtype)  # (r, K)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.fused:
@@ -158,8 +169,8 @@ class QuantLoRALinear(torch.autograd.Function):
                 dx = g2 @ w
                 del w
                 if ga is not None:
-                    lora = ga.to(cd) @ A.to(cd)  # (T, K)
-                    dx += lora * keep / (1 - ctx.p) if keep is not None else lora
+                    lora = (ga if keep is None else ga / (1 - ctx.p)).to(cd) @ A.to(cd)  # (T, K)
+                    dx += lora.mul_(keep) if keep is not None else lora
             grad_x = dx.reshape(x.shape).to(x.dtype)
         return grad_x, None, None, None, grad_A, grad_B, None, None, None
 

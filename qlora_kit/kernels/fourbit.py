@@ -292,7 +292,7 @@ def input_grad(dy: Tensor, packed: dict[str, Tensor], K: int, blocksize: int, *,
 
     Args:
         ga: (M, r) = scaling * dy @ B, and A (r, K): the LoRA branch's input gradient, or both None.
-        keep: the (M, K) boolean dropout mask of the forward, or None.
+        keep: the (M, K) 1-byte (uint8 or bool) dropout mask of the forward, or None.
         out: an (M, K) buffer to write into (every element is written).
     """
     M, N = dy.shape
