@@ -1,12 +1,12 @@
 """Triton kernels for a frozen nf4 / fp4 weight: the 4-bit codes are decoded inside the matmul tile.
 
-Three kernels, one weight layout (bitsandbytes' own, see formats.py): the (N, K) weight flattened row
+Two kernels, one weight layout (bitsandbytes' own, see formats.py): the (N, K) weight flattened row
 by row, two codes a byte with the even element in the high nibble, one scale per `blocksize`
 consecutive values. With double quantization a scale is itself a uint8 code:
     scale[b] = nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset.
 
-  _forward_kernel  Y = X @ W.T  (+ s * XA @ B.T)  (+ bias)                 (M, K) -> (M, N)
-  _input_grad_kernel  dX = dY @ W  (+ keep / (1-p) * (GA @ A))            (M, N) -> (M, K)
+  _matmul_kernel   the forward   Y = X @ W.T  (+ s * XA @ B.T)  (+ bias)       (M, K) -> (M, N)
+                   and the input gradient  dX = dY @ W  (+ keep / (1-p) * (GA @ A))  (M, N) -> (M, K)
   _decode_kernel   the forward for a few rows (decoding): a (N / BN, M) grid, each program one row of X
                    and BN outputs, so each packed byte is read once per row (once for a single token),
                    split over many programs along N, with the same LoRA and bias epilogue.
@@ -96,61 +96,69 @@ def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
-                    xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling, M_BUCKET,
-                    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                    GROUP: tl.constexpr):
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = _tile(x_ptr, rm, rk, K, 1, M, K, 0.0)  # (BM, BK)
-        w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[None, :],
-                    rk[:, None], K, (rn[None, :] < N) & (rk[:, None] < K), BLOCKSIZE, DOUBLE)  # (BK, BN)
-        acc = _dot(x, w, acc, dtype, DOT_F32, IEEE)
-    if HAS_LORA:  # the epilogue: s * (XA @ B.T) on the tile, XA computed once by the caller
-        rr = tl.arange(0, BR)
-        xa = _tile(xa_ptr, rm, rr, R, 1, M, R, 0.0)  # (BM, BR)
-        bt = _tile(b_ptr, rr, rn, 1, R, R, N, 0.0)  # (BR, BN): B is (N, R)
-        acc += scaling * _dot(xa, bt, tl.zeros((BM, BN), dtype=tl.float32), dtype, DOT_F32, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    _store_tile(y_ptr, rm, rn, M, N, acc.to(dtype))
+def _decoded_product(a_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rm, rc, acc,
+                     M, N, K, BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, DOT_F32: tl.constexpr,
+                     IEEE: tl.constexpr, BI: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """acc + A @ W.T[:, rc] (TRANSPOSED: A is (M, K) and rc indexes W's rows) or acc + A @ W[:, rc] (A is
+    (M, N), rc indexes W's columns), W (N, K) decoded one (BI, len(rc)) tile at a time."""
+    dtype = a_ptr.dtype.element_ty
+    if TRANSPOSED:
+        inner = K
+    else:
+        inner = N
+    for i0 in range(0, inner, BI):
+        ri = i0 + tl.arange(0, BI)
+        a = _tile(a_ptr, rm, ri, inner, 1, M, inner, 0.0)  # (BM, BI)
+        if TRANSPOSED:
+            n = rc[None, :]
+            k = ri[:, None]
+        else:
+            n = ri[:, None]
+            k = rc[None, :]
+        w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, n, k, K,
+                    (n < N) & (k < K), BLOCKSIZE, DOUBLE)  # (BI, len(rc))
+        acc = _dot(a, w, acc, dtype, DOT_F32, IEEE)
+    return acc
 
 
 @triton.jit
-def _input_grad_kernel(dy_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
-                       ga_ptr, a_ptr, keep_ptr, dx_ptr, M, N, K, R, keep_scale, M_BUCKET,
-                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                       GROUP: tl.constexpr):
-    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BM, BK, GROUP)
+def _matmul_kernel(a_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr,
+                   l_ptr, r_ptr, extra_ptr, out_ptr, M, N, K, R, scale, M_BUCKET,
+                   BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                   TRANSPOSED: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                   BM: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr):
+    """Both tiled kernels; a (BM, BC) tile of the output per program, BI the inner step.
+
+    TRANSPOSED (the forward):  out (M, N) = A @ W.T + scale * (L @ R.T) + extra   A = X, L = XA, R = B (N, r),
+                               extra = the bias (N,)
+    else (the input gradient): out (M, K) = A @ W + keep * scale * (L @ R)       A = dY, L = GA, R = A (r, K),
+                               extra = the 1-byte keep mask (M, K), scale = 1 / (1 - p)
+    """
+    if TRANSPOSED:
+        C = N
+    else:
+        C = K
+    pid_m, pid_c = _swizzle(tl.program_id(0), M, C, BM, BC, GROUP)
     rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
-    dtype = dy_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        dy = _tile(dy_ptr, rm, rn, N, 1, M, N, 0.0)  # (BM, BN)
-        w = _weight(w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rn[:, None],
-                    rk[None, :], K, (rn[:, None] < N) & (rk[None, :] < K), BLOCKSIZE, DOUBLE)  # (BN, BK)
-        acc = _dot(dy, w, acc, dtype, DOT_F32, IEEE)
-    if HAS_LORA:  # + (GA @ A), through the dropout mask when there is one
+    rc = pid_c * BC + tl.arange(0, BC)
+    dtype = a_ptr.dtype.element_ty
+    acc = _decoded_product(a_ptr, w_ptr, qmap_ptr, absmax_ptr, nested_ptr, nested_map_ptr, offset_ptr, rm, rc,
+                           tl.zeros((BM, BC), dtype=tl.float32), M, N, K, BLOCKSIZE, DOUBLE, DOT_F32, IEEE, BI,
+                           TRANSPOSED)
+    if HAS_LORA:  # the epilogue: the rank-r product on the tile, its left factor computed once by the caller
         rr = tl.arange(0, BR)
-        ga = _tile(ga_ptr, rm, rr, R, 1, M, R, 0.0)  # (BM, BR)
-        a = _tile(a_ptr, rr, rk, K, 1, R, K, 0.0)  # (BR, BK)
-        lora = _dot(ga, a, tl.zeros((BM, BK), dtype=tl.float32), dtype, DOT_F32, IEEE)
-        if HAS_DROPOUT:
-            keep = _tile(keep_ptr, rm, rk, K, 1, M, K, 0)
-            lora = lora * (keep.to(tl.float32) * keep_scale)
+        left = _tile(l_ptr, rm, rr, R, 1, M, R, 0.0)  # (BM, BR)
+        if TRANSPOSED:
+            right = _tile(r_ptr, rr, rc, 1, R, R, N, 0.0)  # (BR, BC): B is (N, R)
+        else:
+            right = _tile(r_ptr, rr, rc, K, 1, R, K, 0.0)  # (BR, BC): A is (R, K)
+        lora = _dot(left, right, tl.zeros((BM, BC), dtype=tl.float32), dtype, DOT_F32, IEEE) * scale
+        if not TRANSPOSED and HAS_EXTRA:  # through the dropout mask
+            lora = lora * _tile(extra_ptr, rm, rc, K, 1, M, K, 0).to(tl.float32)
         acc += lora
-    _store_tile(dx_ptr, rm, rk, M, K, acc.to(dtype))
+    if TRANSPOSED and HAS_EXTRA:
+        acc += tl.load(extra_ptr + rc, mask=rc < N, other=0.0).to(tl.float32)[None, :]
+    _store_tile(out_ptr, rm, rc, M, C, acc.to(dtype))
 
 
 @triton.jit
@@ -201,6 +209,15 @@ def _weight_args(packed: dict[str, Tensor]) -> tuple[list, bool]:
     return [packed["weight"], packed["quant_map"], absmax, absmax, absmax, absmax], False  # unused slots
 
 
+def _operands(a: Tensor, packed: dict[str, Tensor], blocksize: int, left: Tensor | None, right: Tensor | None,
+              R: int) -> tuple[list, list, dict]:
+    """The weight's pointer arguments, the LoRA factors' (placeholders without LoRA), and the shared
+    compile-time flags of a launch."""
+    wargs, double = _weight_args(packed)
+    lora = [left.contiguous(), right.contiguous()] if left is not None else [a, a]
+    return wargs, lora, dict(BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=left is not None, BR=_rank_block(R))
+
+
 def _bucket(m: int) -> int:
     """The autotuner's key for the row count: tiles are re-chosen when it crosses a power of two."""
     return triton.next_power_of_2(m)
@@ -212,26 +229,27 @@ def _rank_block(r: int) -> int:
 
 # Tile shapes. In the interpreter every program is a Python loop, so tiles are small and fixed. On a GPU
 # they are picked by Triton's autotuner per (row-count bucket, N, K), from shapes that suit bf16 tensor
-# cores; the same list serves the input-gradient kernel with BN and BK swapped (its output runs along K).
-_INTERPRETER_TILES = dict(BM=16, BN=32, BK=32, GROUP=4)
+# cores: (BM, BC, BI) = rows, output columns and inner step of a tile, in either direction.
+_INTERPRETER_TILES = dict(BM=16, BC=32, BI=32, GROUP=4)
 _INTERPRETER_DECODE_TILES = dict(BN=16, BK2=32)
-_GPU_TILES = [  # (BM, BN, BK, warps, stages): the tiled kernels serve up to kernels.FUSED_MAX_ROWS rows
+_GPU_TILES = [  # (BM, BC, BI, warps, stages): the tiled kernels serve up to kernels.FUSED_MAX_ROWS rows
     (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (64, 128, 64, 8, 2),
     (128, 64, 64, 4, 3), (128, 128, 64, 8, 2),
 ]
 _DECODE_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (64, 32, 4), (8, 128, 2)]  # (BN, BK2, warps)
 
 
-def _tuned(kernel, swap: bool = False):
+def _tuned(kernel):
+    """The kernel autotuned on a GPU; one tuner (and tuning cache) per direction."""
     if INTERPRET:
         return kernel
-    configs = [triton.Config(dict(BM=bm, BN=bk if swap else bn, BK=bn if swap else bk, GROUP=8),
-                             num_warps=w, num_stages=st) for bm, bn, bk, w, st in _GPU_TILES]
+    configs = [triton.Config(dict(BM=bm, BC=bc, BI=bi, GROUP=8), num_warps=w, num_stages=st)
+               for bm, bc, bi, w, st in _GPU_TILES]
     return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(kernel)
 
 
-_forward = _tuned(_forward_kernel)
-_input_grad = _tuned(_input_grad_kernel, swap=True)
+_forward = _tuned(_matmul_kernel)
+_input_grad = _tuned(_matmul_kernel)
 _decode = _decode_kernel if INTERPRET else triton.autotune(
     configs=[triton.Config(dict(BN=bn, BK2=bk2), num_warps=w) for bn, bk2, w in _DECODE_TILES],
     key=["N", "K", "R"])(_decode_kernel)
@@ -268,20 +286,17 @@ def forward(x: Tensor, packed: dict[str, Tensor], N: int, blocksize: int, *, xa:
     """
     M, K = x.shape
     y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
-    wargs, double = _weight_args(packed)
-    has_lora = xa is not None
-    R = B.shape[1] if has_lora else 0
-    lora = [xa.contiguous(), B.contiguous()] if has_lora else [x, x]
-    common = dict(BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-                  BR=_rank_block(R))
+    R = B.shape[1] if xa is not None else 0
+    wargs, lora, common = _operands(x, packed, blocksize, xa, B, R)
     bias_arg = bias if bias is not None else x
     if K % 2 == 0 and ((M <= DECODE_ROWS) if decode is None else decode):  # rows must start on a byte
         _launch(_decode, lambda t: (triton.cdiv(N, t["BN"]), M),
-                [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], _INTERPRETER_DECODE_TILES, **common)
+                [x, *wargs, *lora, bias_arg, y, N, K, R, float(scaling)], _INTERPRETER_DECODE_TILES, **common,
+                HAS_BIAS=bias is not None)
         return y
-    _launch(_forward, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),),
+    _launch(_forward, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BC"]),),
             [x, *wargs, *lora, bias_arg, y, M, N, K, R, float(scaling), _bucket(M)], _INTERPRETER_TILES,
-            **common, **_dot_flags(x.dtype))
+            **common, HAS_EXTRA=bias is not None, TRANSPOSED=True, **_dot_flags(x.dtype))
     return y
 
 
@@ -297,14 +312,10 @@ def input_grad(dy: Tensor, packed: dict[str, Tensor], K: int, blocksize: int, *,
     """
     M, N = dy.shape
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype) if out is None else out
-    wargs, double = _weight_args(packed)
-    has_lora = ga is not None
-    R = A.shape[0] if has_lora else 0
-    lora = [ga.contiguous(), A.contiguous()] if has_lora else [dy, dy]
+    R = A.shape[0] if ga is not None else 0
+    wargs, lora, common = _operands(dy, packed, blocksize, ga, A, R)
     keep_arg = keep.view(torch.uint8) if keep is not None else dy
-    _launch(_input_grad, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),),
+    _launch(_input_grad, lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BC"]),),
             [dy, *wargs, *lora, keep_arg, dx, M, N, K, R, 1.0 / (1.0 - p) if keep is not None else 1.0, _bucket(M)],
-            _INTERPRETER_TILES,
-            BLOCKSIZE=blocksize, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=keep is not None, BR=_rank_block(R),
-            **_dot_flags(dy.dtype))
+            _INTERPRETER_TILES, **common, HAS_EXTRA=keep is not None, TRANSPOSED=False, **_dot_flags(dy.dtype))
     return dx

@@ -98,3 +98,10 @@ class LiveTensors(TorchDispatchMode):
             if isinstance(t, Tensor):
                 self.add(t)
         return out
+
+
+def fmt_bytes(n: int | float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

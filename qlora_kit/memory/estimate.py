@@ -13,11 +13,10 @@ from ..layers import QuantLinear
 from ..loading import check_seq_len, resolve_device
 from ..loss import decoder_layers
 from ..step import autocast_enabled
-from .counting import LiveTensors
+from .counting import LiveTensors, fmt_bytes
 from .emulation import TargetKernels, no_data_dependent_masks
 from .formulas import CUBLAS_WORKSPACE, optimizer_state_bytes
 from .models import meta_model, random_model, read_model_config
-from .report import fmt_bytes
 from .run import run_steps, saved_at_head
 
 # The training settings that change memory (the `qlora-kit memory` flags shared with `train`).

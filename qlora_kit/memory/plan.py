@@ -13,9 +13,9 @@ from pathlib import Path
 from ..config import TrainConfig, one_line
 from ..io import atomic_write_bytes
 from ..loading import resolve_device
+from .counting import fmt_bytes
 from .estimate import MemoryReport, check_measurable, estimate, measure
 from .models import read_model_config
-from .report import fmt_bytes
 
 SWEEP_KEYS = {"rank": int, "seq-len": int, "batch-size": int, "quant": str, "optimizer": str,
               "gradient-checkpointing": lambda v: _bool(v), "double-quant": lambda v: _bool(v)}

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..config import FOUR_BIT, QuantConfig
 from ..formats import bytes_per_weight
-from .counting import CATEGORIES
-
-if TYPE_CHECKING:
-    from .estimate import MemoryReport
-    from .plan import FitResult
-
-def fmt_bytes(n: int | float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+from .counting import CATEGORIES, fmt_bytes
+from .estimate import MemoryReport
+from .plan import FitResult
 
 
 def format_report(est: MemoryReport, meas: MemoryReport | None = None) -> str:
