@@ -118,7 +118,7 @@ def _double_quantize(absmax: Tensor) -> dict[str, Tensor]:
             "offset": offset.reshape(1).float()}
 
 
-def _quant_state(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
+def _quant_state(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], blocksize: int,
                  dtype: torch.dtype) -> bnbF.QuantState:
     state2 = None
     if "nested_absmax" in packed:
@@ -126,7 +126,7 @@ def _quant_state(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], bl
                                  blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
     return bnbF.QuantState(
         absmax=packed["absmax"], shape=torch.Size(shape), code=packed["quant_map"], blocksize=blocksize,
-        quant_type=fmt, dtype=dtype, offset=packed["offset"][0] if state2 is not None else None, state2=state2,
+        quant_type=quant, dtype=dtype, offset=packed["offset"][0] if state2 is not None else None, state2=state2,
     )
 
 
@@ -164,19 +164,19 @@ class PackedWeight:
             raise RuntimeError("a frozen base weight was modified in place between forward and backward")
 
 
-def dequantize(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
+def dequantize(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], blocksize: int,
                dtype: torch.dtype) -> Tensor:
     """The dense (out, in) weight in `dtype` that the packed form stands for (the module docstring's
     definition, exactly, on every device)."""
-    if fmt == "none":
+    if quant == "none":
         return packed["weight"].to(dtype)
-    if fmt == "int8":
+    if quant == "int8":
         codes = packed["weight"].reshape(-1)
-        return _decode(lambda lo, hi, dst: dst.copy_(codes[lo:hi]), block_scales(packed, fmt, shape, blocksize),
+        return _decode(lambda lo, hi, dst: dst.copy_(codes[lo:hi]), block_scales(packed, quant, shape, blocksize),
                        shape[1], shape, dtype)
     if packed["weight"].is_cuda:
-        return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, fmt, shape, blocksize, dtype))
-    return _decode_4bit(packed["weight"], packed["quant_map"], block_scales(packed, fmt, shape, blocksize),
+        return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, quant, shape, blocksize, dtype))
+    return _decode_4bit(packed["weight"], packed["quant_map"], block_scales(packed, quant, shape, blocksize),
                         blocksize, shape, dtype)
 
 
@@ -300,9 +300,9 @@ def packed_nbytes(packed: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in packed.values())
 
 
-def code_table(fmt: str) -> Tensor:
+def code_table(quant: str) -> Tensor:
     """The 16 values a 4-bit code stands for (before scaling by the block's absmax)."""
-    return bnbF.get_4bit_type(fmt, device="cpu")
+    return bnbF.get_4bit_type(quant, device="cpu")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -321,10 +321,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
     return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def block_scales(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int) -> Tensor:
+def block_scales(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], blocksize: int) -> Tensor:
     """The float32 scale of every 4-bit block (with double quantization: nested_quant_map[code] times the
     block's nested absmax, then + offset), or int8's row scale / 127."""
-    if fmt == "int8":
+    if quant == "int8":
         return packed["scb"].float() / 127
     if "nested_absmax" not in packed:
         return packed["absmax"].float()
@@ -352,14 +352,14 @@ def pack_int8_codes(codes: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]
     return {"weight": codes.to(torch.int8).contiguous(), "scb": like["scb"]}
 
 
-def bnb_checkpoint_tensors(packed: dict[str, Tensor], fmt: str, shape: tuple[int, int], blocksize: int,
+def bnb_checkpoint_tensors(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], blocksize: int,
                            dtype: torch.dtype) -> dict[str, Tensor]:
     """The tensors bitsandbytes' transformers integration stores for one linear layer, keyed relative to
     the layer ("weight", "weight.absmax", ... / "weight", "SCB", "weight_format")."""
-    if fmt == "int8":
+    if quant == "int8":
         return {"weight": packed["weight"], "SCB": packed["scb"].float(),
                 "weight_format": torch.tensor(0, dtype=torch.uint8)}  # 0: row-major, the only format left
-    state = _quant_state(packed, fmt, shape, blocksize, dtype)
+    state = _quant_state(packed, quant, shape, blocksize, dtype)
     out = {"weight": packed["weight"]}
     out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
     return out

@@ -114,22 +114,22 @@ def _dequantize(packed: dict[str, torch.Tensor], layer: QuantLinear, q: QuantCon
 def _requantize(layer: QuantLinear, merged: torch.Tensor, q: QuantConfig, method: str,
                 hessian: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
     """The packed export of one merged weight, its dequantized value, and which scales it uses."""
-    fmt, shape = q.quant, (layer.out_features, layer.in_features)
+    shape = (layer.out_features, layer.in_features)
     fresh = formats.quantize(merged, q)
     if method == "rtn":
         return fresh, _dequantize(fresh, layer, q), "fresh"
     # Two candidate grids: the base's own scales (a small update then moves only the codes it must)
     # and fresh scales from the merged weight (needed when the update is large enough to change a
     # block's range). Codes are chosen by error feedback on each; the lower output error wins.
-    candidates = [("fresh", fresh)] + ([("base", layer.packed())] if fmt == layer.quant else [])
+    candidates = [("fresh", fresh)] + ([("base", layer.packed())] if q.quant == layer.quant else [])
     best = None
     for label, like in candidates:
-        scales = formats.block_scales(like, fmt, shape, q.blocksize)
-        if fmt == "int8":
+        scales = formats.block_scales(like, q.quant, shape, q.blocksize)
+        if q.quant == "int8":
             codes = gptq_codes(merged, hessian, _Int8Grid(scales))
             packed = formats.pack_int8_codes(codes, like)
         else:
-            grid = _FourBitGrid(formats.code_table(fmt).float(), scales, shape[1], q.blocksize)
+            grid = _FourBitGrid(formats.code_table(q.quant).float(), scales, shape[1], q.blocksize)
             packed = formats.pack_4bit_codes(gptq_codes(merged, hessian, grid), like)
         value = _dequantize(packed, layer, q)
         diff = value.double() - merged.double()
