@@ -10,10 +10,11 @@ so that a layer can register them as buffers and `.to(device)` / `state_dict()` 
   int8:       weight (int8, (out, in)), scb (float32 row absmax, (out,)).
   none:       weight (compute dtype, (out, in)).
 
-The layout is bitsandbytes' own (its exports and PEFT read it unchanged), and so is every result on
-CUDA. Off CUDA the decode is this module's: bitsandbytes' CPU kernels choose their code path by the
-instruction set, and some of those paths are wrong (4-bit blocks that span two rows decode with the
-next row's scale on AVX512 CPUs) or approximate (bf16 scales). Here one definition holds everywhere:
+The layout is bitsandbytes' own (its exports and PEFT read it unchanged), and on CUDA its 4-bit kernels
+decode (they are exact). Off CUDA the 4-bit decode is this module's, and int8's is everywhere: bitsandbytes'
+CPU kernels choose their code path by the instruction set, and some of those paths are wrong (4-bit blocks
+that span two rows decode with the next row's scale on AVX512 CPUs) or approximate (bf16 scales). One
+definition holds everywhere:
 
   weight[i] = value(code[i]) * scale(block of i)        in float32, rounded once to the output dtype
 
@@ -130,7 +131,7 @@ def _quant_state(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], 
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PackedWeight:
     """One frozen (out, in) weight in its stored form: format, shape, block size and packed tensors.
 
@@ -202,8 +203,8 @@ def _decode(fill, scales: Tensor, group: int, shape, dtype: torch.dtype) -> Tens
 
     `fill(lo, hi, dst)` writes the float32 values of the flat range [lo, hi) into `dst`: the output itself
     when it is float32, else a float32 buffer. Off CUDA this goes a chunk of whole groups at a time, at most
-    DECODE_CHUNK values and an eighth of the weight, so what the decode allocates besides its output stays
-    small (the index of one chunk, and the buffer) and in cache."""
+    DECODE_CHUNK values and an eighth of the weight (but at least one group), so what the decode allocates
+    besides its output stays small (the index of one chunk, and the buffer) and in cache."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=scales.device)
     step = max(n, 1) if scales.is_cuda else max(1, min(DECODE_CHUNK, n // 8) // group) * group
@@ -242,23 +243,22 @@ def int8_mixed_matmul(x: Tensor, packed: dict[str, Tensor], threshold: float, dt
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-INT8_EXACT_K = 1024  # columns per float32 matmul in _int8_matmul: 127 * 127 * 1024 < 2**24, every sum exact
+INT8_EXACT_K = 1024  # columns per float64 matmul in _int8_matmul: bounds its float64 copies of the operands
 
 
 def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b.T for int8 (N, K) and (M, K): the exact int32 result.
 
-    bitsandbytes' CPU version depends on the instruction set: torch._int_mm (exact) with AVX512, otherwise one
-    float32 matmul rounded back to int32, inexact once K passes about 1,040. Off CUDA this sums float32
-    matmuls over 1,024 columns at a time, each exact (its partial sums are integers below 2**24), in int32;
-    float64 if torch may lower float32 matmul precision (`torch.set_float32_matmul_precision`)."""
+    bitsandbytes' CPU version depends on the instruction set: torch._int_mm (exact) with AVX512, otherwise a
+    float32 matmul rounded back to int32, inexact once K passes about 1,040 (127 * 127 * K > 2**24). Off CUDA
+    this multiplies in float64, where every partial sum is an integer below 2**53 whatever torch's float32
+    matmul precision is set to, 1,024 columns at a time."""
     if a.is_cuda:
         return bnbF.int8_linear_matmul(a, b)
-    dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
-    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for k in range(0, a.shape[1], INT8_EXACT_K):
-        acc += (a[:, k:k + INT8_EXACT_K].to(dtype) @ b[:, k:k + INT8_EXACT_K].to(dtype).t()).to(torch.int32)
-    return acc
+        acc += a[:, k:k + INT8_EXACT_K].double() @ b[:, k:k + INT8_EXACT_K].double().t()
+    return acc.to(torch.int32)
 
 
 def packed_layout(out_features: int, in_features: int, cfg: QuantConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

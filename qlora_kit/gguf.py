@@ -120,8 +120,8 @@ def gguf_to_hf_dir(
     """Convert a GGUF model once into a cached Hugging Face folder and return that folder.
 
     The folder (config.json, model*.safetensors, tokenizer files) is
-    `<root>/gguf/<file stem>-<hash>`, the hash taken from the file's size, first and last MiB and
-    `dtype`; later calls with the same file return it without converting again.
+    `<root>/gguf/<file stem>-<hash>`, the hash taken from the file's size, modification time, first and
+    last MiB and `dtype`; later calls with the same file return it without converting again.
 
     Args:
         gguf_path: a GGUF model file that transformers can read.

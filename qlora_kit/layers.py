@@ -124,10 +124,10 @@ class QuantLinear(nn.Module):
         """The base weight as one value: format, (out, in) shape, block size and this layer's packed tensors."""
         return formats.PackedWeight(self.quant, (self.out_features, self.in_features), self.blocksize, self.packed())
 
-    def packed_versions(self) -> tuple[int, ...] | None:
-        """The packed tensors' versions, to check in backward; None under FSDP2, which refills the gathered
+    def versions_to_check(self, weight: formats.PackedWeight) -> tuple[int, ...] | None:
+        """The packed tensors' versions, to compare in backward; None under FSDP2, which refills the gathered
         tensors for every use."""
-        return None if self.packed_as_parameters else self.packed_weight().version()
+        return None if self.packed_as_parameters else weight.version()
 
     SHARDED = ("weight", "weight_absmax", "weight_scb")  # the packed tensors that grow with the layer
 
@@ -168,8 +168,9 @@ class QuantLinear(nn.Module):
         return self.packed_weight().dequantize(dtype or self.compute_dtype)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        y = _FrozenBaseMatmul.apply(x.to(self.compute_dtype), self.packed_weight(), self.compute_dtype,
-                                    self.int8_threshold, self.packed_versions())
+        weight = self.packed_weight()
+        y = _FrozenBaseMatmul.apply(x.to(self.compute_dtype), weight, self.compute_dtype, self.int8_threshold,
+                                    self.versions_to_check(weight))
         return y if self.bias is None else y + self.bias
 
     # ---- LoRA ------------------------------------------------------------------------------
@@ -201,10 +202,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lora = self.lora_A is not None and self.lora_enabled
         p = self.dropout if lora and self.training else 0.0
-        if kernels.use_triton(self.packed_weight(), self.bias, self.compute_dtype, x):  # nf4 / fp4 on a GPU
-            return kernels.quant_lora_linear(x, self.packed_weight(), self.bias, self.compute_dtype,
+        weight = self.packed_weight()
+        if kernels.use_triton(weight, self.bias, self.compute_dtype, x):  # nf4 / fp4 on a GPU
+            return kernels.quant_lora_linear(x, weight, self.bias, self.compute_dtype,
                                              self.lora_A if lora else None, self.lora_B if lora else None,
-                                             self.scaling if lora else 0.0, p, self.packed_versions())
+                                             self.scaling if lora else 0.0, p, self.versions_to_check(weight))
         y = self.base_forward(x)  # (..., out) in the compute dtype
         if not lora:
             return y

@@ -245,7 +245,7 @@ def _tuned(kernel):
         return kernel
     configs = [triton.Config(dict(BM=bm, BC=bc, BI=bi, GROUP=8), num_warps=w, num_stages=st)
                for bm, bc, bi, w, st in _GPU_TILES]
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(kernel)
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R", "TRANSPOSED"])(kernel)
 
 
 _forward = _tuned(_matmul_kernel)
