@@ -69,7 +69,7 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or source.get("path") or getattr(
+        "base_model_name_or_path": base_model_name_or_path or source.get("name") or source.get("path") or getattr(
             getattr(model, "config", None), "_name_or_path", None),
         "r": r,
         "lora_alpha": alpha,

@@ -19,7 +19,6 @@ import typing
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
 
 from .config import (  # noqa: E402
     QUANT_FORMATS,
@@ -319,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(no weights needed), measured on real steps with --measure, the largest "
                                      "sequence length or batch for a budget with --fit, or a sweep to CSV/PNG.")
     mem.add_argument("--model", default=None,  # None: the --config file's, else the training default
-                     help="a config.json, a model folder, a .gguf, or 'smollm2-135m' (default)")
+                     help="a config.json, a model folder, a Hub ID org/name[@rev] (only its config.json is "
+                          "fetched), a .gguf, or 'smollm2-135m' (default)")
     mem.add_argument("--config", default=None, help="a training YAML (its memory-relevant settings are used)")
     mem.add_argument("--device", default="auto",
                      help="what to plan for: cuda or cpu (default: cuda; with --measure, the device measured on)")
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("smoke", help="load quantized, add LoRA, train a few steps, save and reload the adapter",
                        formatter_class=fmt)
-    s.add_argument("--model", default=None, help="HF model folder or .gguf file (default: a small random Llama)")
+    s.add_argument("--model", default=None,
+                   help="HF model folder, Hub ID org/name[@rev] or .gguf file (default: a small random Llama)")
     s.add_argument("--quant", default="nf4", choices=QUANT_FORMATS, help="base weight format")
     s.add_argument("--rank", type=int, default=16, help="LoRA rank")
     s.add_argument("--steps", type=int, default=20, help="optimizer steps")
@@ -360,8 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment it writes (a plain StreamHandler keeps the one of its creation,
+    which a redirect or a test's capture may since have closed)."""
+    stream = property(lambda self: sys.stderr, lambda self, _: None)
+
+
 def quiet_third_parties() -> None:
-    """transformers' info and warning lines and its and the hub's progress bars (loading and saving shards)
+    """transformers' and the hub's info and warning lines and progress bars (loading, saving and fetching shards)
     are not this tool's output; their errors still are. Set here, not by environment variables: importing
     the package has already imported transformers."""
     import huggingface_hub.utils
@@ -370,10 +377,11 @@ def quiet_third_parties() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()
     # this package's own status lines (a one-time GGUF conversion, ...) go to stderr, beside the progress bar
     own = logging.getLogger("qlora_kit")
     if not any(getattr(h, "qlora_kit_cli", False) for h in own.handlers):
-        handler = logging.StreamHandler()  # the sys.stderr of the moment it writes
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.qlora_kit_cli = True
         own.addHandler(handler)

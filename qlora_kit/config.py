@@ -172,7 +172,8 @@ def _opt(default, help: str, **kw):
 class TrainConfig:
     """Everything a training run needs; every field is also a `qlora-kit train` flag."""
 
-    model: str = _opt("smollm2-135m", "HF model folder, .gguf file, or 'smollm2-135m' (the embedded default)")
+    model: str = _opt("smollm2-135m", "HF model folder, Hub ID org/name[@rev], .gguf file, or 'smollm2-135m' "
+                                      "(the embedded default)")
     data: str = _opt("shakespeare", ".txt or .jsonl file, or 'shakespeare' (the embedded default)")
     eval_data: str | None = _opt(None, "separate held-out file (default: a slice of --data)")
     out: str = _opt("runs/quickstart", "run folder: checkpoints, metrics, final adapter")
@@ -258,7 +259,7 @@ class TrainConfig:
 class MergeConfig:
     """What to merge and how to export it; every field is also a `qlora-kit merge` flag."""
 
-    model: str = _opt("smollm2-135m", "base: HF model folder, .gguf, or 'smollm2-135m'")
+    model: str = _opt("smollm2-135m", "base: HF model folder, Hub ID org/name[@rev], .gguf, or 'smollm2-135m'")
     adapter: str = _opt(MISSING, "adapter folder (PEFT layout)")
     out: str = _opt(MISSING, "output model folder (refused if it exists, unless --force)")
     format: str = _opt("nf4", "export format", choices=EXPORT_FORMATS)
@@ -297,7 +298,7 @@ class MergeConfig:
 class InferenceConfig:
     """The base model (and adapter) that `qlora-kit eval` and `generate` load."""
 
-    model: str = _opt("smollm2-135m", "HF model folder, .gguf, or 'smollm2-135m' (default)")
+    model: str = _opt("smollm2-135m", "HF model folder, Hub ID org/name[@rev], .gguf, or 'smollm2-135m' (default)")
     adapter: str | None = _opt(None, "adapter folder to apply (default: none, the base model)")
     quant: str = _opt("nf4", "base weight format", choices=QUANT_FORMATS)
     compute_dtype: str = _opt("auto", "bf16, fp16, fp32 or auto")

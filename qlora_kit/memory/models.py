@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import defaults
+from .. import defaults, hub
 from ..config import FOUR_BIT, TrainConfig, one_line
 from ..formats import packed_layout
 from ..layers import QuantLinear
@@ -20,7 +20,7 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
 
 
 def read_model_config(model: str, cache_dir: str | None = None):
-    """The transformers config of --model: a config.json file, a model folder, a .gguf, or the default.
+    """The transformers config of --model: a config.json file, a model folder, a Hub ID, a .gguf, or the default.
 
     Only the config is read (no weights). Raises ValueError / FileNotFoundError with one line naming
     the file and the field at fault.
@@ -29,7 +29,9 @@ def read_model_config(model: str, cache_dir: str | None = None):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = Path(model)
-    if str(model) == defaults.DEFAULT_MODEL or path.suffix == ".gguf":
+    if hub.is_hub_id(model):  # only its config.json is fetched
+        path = hub.hub_snapshot(model, files=hub.CONFIG_FILES)
+    elif str(model) == defaults.DEFAULT_MODEL or path.suffix == ".gguf":
         path = defaults.model_folder(model, cache_dir)
     if path.is_dir():
         path = path / "config.json"
