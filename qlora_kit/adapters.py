@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import QuantConfig, one_line, pattern_lookup
+from .experts import ExpertStack, expert_stacks, peft_key, peft_target
 from .io import atomic_dir
 from .layers import QuantLinear
 from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_linear
@@ -55,16 +56,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
 
 def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_config.json and adapter_model.safetensors into an existing folder."""
-    layers = lora_layers(model)
-    if not layers:
+    every = lora_layers(model)
+    if not every:
         raise ValueError("model has no LoRA layers to save; call add_lora first")
-    ranks = {n: m.r for n, m in layers.items()}
-    alphas = {n: m.lora_alpha for n, m in layers.items()}
+    stacks = {n: st for n, st in expert_stacks(model).items() if st[0].lora_A is not None}
+    layers = {n: m for n, m in every.items() if n.rpartition(".")[0] not in stacks}
+    ranks = {n: m.r for n, m in layers.items()} | {n: st[0].r for n, st in stacks.items()}
+    alphas = {n: m.lora_alpha for n, m in layers.items()} | {n: st[0].lora_alpha for n, st in stacks.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    first = next(iter(layers.values()))
+    first = next(iter(every.values()))
     source = getattr(model, "qlora_source", {})
-    if len({m.rslora for m in layers.values()}) > 1:
+    if len({m.rslora for m in every.values()}) > 1:
         raise ValueError("LoRA layers mix rsLoRA and plain scaling, which PEFT's adapter_config cannot express")
     config = {
         "peft_type": "LORA",
@@ -73,8 +76,11 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
             getattr(model, "config", None), "_name_or_path", None),
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": first.dropout,
+        # PEFT's LoRA on 3-D parameters takes no dropout and refuses a config that asks for it; dropout is a
+        # training setting, so an adapter with expert factors records none
+        "lora_dropout": 0.0 if stacks else max((m.dropout for m in layers.values()), default=0.0),
         "target_modules": sorted(layers),
+        "target_parameters": sorted(peft_key(model, n, set(stacks))[1] for n in stacks) or None,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "use_rslora": first.rslora,
@@ -88,6 +94,11 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    for name, stack in stacks.items():
+        key = peft_key(model, name, set(stacks))[0]
+        a, b = stack.peft_factors()
+        tensors[f"{PREFIX}{key}.lora_A.weight"] = a.cpu().contiguous()
+        tensors[f"{PREFIX}{key}.lora_B.weight"] = b.cpu().contiguous()
     # The base's fingerprint goes in the safetensors header, where PEFT does not warn about it.
     metadata = {"format": "pt", FINGERPRINT: fingerprint(model)}
     quant = getattr(model, "qlora_quant_config", None)
@@ -186,7 +197,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
                          f"model's is {fingerprint(model)}; base was {config.get('base_model_name_or_path')!r})")
     modules = dict(model.named_modules())
-    existing = lora_layers(model)
+    stack_pairs = _stack_pairs(model, path, config, pairs)  # expert factors, by stack name
+    existing = {n: m for n, m in lora_layers(model).items()
+                if not isinstance(modules.get(n.rpartition(".")[0]), ExpertStack)}
     for name, (a, b) in pairs.items():  # check everything before changing anything
         module = modules.get(name)
         if module is None or not is_linear(module):
@@ -204,6 +217,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         raise ValueError(f"{path}: adapter has no factors for the model's LoRA layer {extra!r}")
     alphas = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
+    for name, experts in stack_pairs.items():
+        alpha = pattern_lookup(alphas, name, config.get("lora_alpha", 8))
+        for expert, (a, b) in zip(modules[name], experts, strict=True):
+            if expert.lora_A is None:
+                expert.attach_lora(a.shape[0], alpha, 0.0, rslora=rslora, dtype=dtype)
+            expert.set_scale(alpha, rslora)
+            with torch.no_grad():
+                expert.lora_A.copy_(a)
+                expert.lora_B.copy_(b)
     for name, (a, b) in pairs.items():
         layer = modules[name]
         if not isinstance(layer, QuantLinear):
@@ -220,6 +242,46 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return model
+
+
+def _stack_pairs(model: nn.Module, path: Path, config: dict,
+                 pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list]:
+    """Take the expert factors (PEFT's `target_parameters`) out of `pairs`: {stack name: [(A, B) per expert]}.
+
+    Raises ValueError, changing nothing, when a targeted parameter is not an expert stack of this model or
+    the factors hold a different number of experts.
+    """
+    wanted = config.get("target_parameters") or []
+    if not wanted:
+        return {}
+    stacks = expert_stacks(model)
+    names = {}
+    for entry in wanted:
+        hits = [n for n, st in stacks.items() if peft_target(n, st) == entry or peft_target(n, st).endswith("." + entry)]
+        if not hits:
+            why = "it has no experts" if not stacks else "no expert stack has that name"
+            raise ValueError(f"{path}: adapter targets the expert weights {entry!r}, which this "
+                             f"{type(model).__name__} has not ({why})")
+        names.update(dict.fromkeys(hits))
+    targeted = set(names)
+    out = {}
+    for name in names:
+        stack = stacks[name]
+        key = peft_key(model, name, targeted)[0]
+        if key not in pairs:
+            raise ValueError(f"{path}: adapter targets the expert weights of {name!r} but holds no factors for "
+                             f"{key!r}")
+        a, b = pairs.pop(key)
+        r = int(pattern_lookup(config.get("rank_pattern") or {}, name, config.get("r", a.shape[0])))
+        if a.shape[1] != stack.in_features or b.shape[0] != stack.out_features or a.shape[0] % max(r, 1):
+            raise ValueError(f"{path}: adapter for the experts {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                             f"which do not fit {stack.num_experts} experts of {stack.in_features} -> "
+                             f"{stack.out_features} at r={r}")
+        if a.shape[0] != r * stack.num_experts:
+            raise ValueError(f"{path}: adapter for {name!r} holds factors for {a.shape[0] // r} experts (r={r}), "
+                             f"but this model has {stack.num_experts} experts there")
+        out[name] = stack.split_peft_factors(a, b, r)
+    return out
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:

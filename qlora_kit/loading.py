@@ -9,10 +9,14 @@ final quantized model plus the largest single tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +25,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from . import defaults
+from . import defaults, hub
 from .config import QuantConfig, one_line, resolve_compute_dtype
+from .experts import ExpertStack, expert_parameters, place_stack
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, output_head, set_submodule
 
@@ -35,7 +40,8 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
 
     Args:
         path: a Hugging Face model folder (config.json + model.safetensors, or shards with
-            model.safetensors.index.json), or a .gguf file (converted once into a cached folder).
+            model.safetensors.index.json), a Hub ID 'org/name[@revision]' (see hub.hub_snapshot),
+            or a .gguf file (converted once into a cached folder).
         quant: 'nf4', 'fp4', 'int8', or 'none' (keep the weights in compute_dtype).
         compute_dtype: dtype of the matmuls and of the weights left unquantized;
             default bf16 on CUDA, fp32 on CPU.
@@ -51,7 +57,8 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     device = check_device(device)
     cfg = QuantConfig(quant=quant, compute_dtype=resolve_compute_dtype(compute_dtype, device),
                       double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold)
-    path = Path(path)
+    name = path if hub.is_hub_id(path) else None  # 'org/name[@rev]': its snapshot in the Hugging Face cache
+    path = hub.hub_snapshot(name) if name else Path(path)
     if path.suffix == ".gguf":
         from .gguf import gguf_to_hf_dir
         path = gguf_to_hf_dir(path, cache_dir=cache_dir)
@@ -62,10 +69,17 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
         raise ValueError(f"{path / 'config.json'}: cannot read model config ({one_line(e)})") from None
     model = _skeleton(config, cfg)
     targets = set(linear_names(model))
+    skipped: set[str] = set()
     if skip:
-        targets = {n for n in targets if not any(n == s or n.endswith("." + s) for s in skip)}
-    _StreamingFill(model, targets, cfg, device).run(files)
-    return _loaded(model, cfg, str(path))
+        def skipped_name(n: str) -> bool:
+            return any(n == s or n.endswith("." + s) for s in skip)
+        targets = {n for n in targets if not skipped_name(n)}
+        skipped = {n for n in expert_parameters(model) if skipped_name(n) or skipped_name(n.rpartition(".")[0])}
+    _StreamingFill(model, targets, cfg, device, skipped).run(files)
+    model = _loaded(model, cfg, str(path))
+    if name:
+        model.qlora_source["name"] = name  # what save_adapter records as the base
+    return model
 
 
 def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Iterable[tuple[str, torch.Tensor]]],
@@ -105,7 +119,7 @@ def _loaded(model: nn.Module, cfg: QuantConfig, path: str | None) -> nn.Module:
 
 def load_model_and_tokenizer(model: str, cfg: QuantConfig, device: str | torch.device = "cpu",
                              cache_dir: str | None = None) -> tuple[nn.Module, object]:
-    """Resolve --model (a folder, a .gguf, or the embedded default), then load it quantized with its tokenizer."""
+    """Resolve --model (a folder, a Hub ID, a .gguf or the default), then load it quantized with its tokenizer."""
     path = defaults.model_folder(model, cache_dir)
     net = load_quantized(path, quant=cfg.quant, compute_dtype=cfg.compute_dtype, double_quant=cfg.double_quant,
                          blocksize=cfg.blocksize, int8_threshold=cfg.int8_threshold, device=device)
@@ -178,6 +192,65 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+@dataclass
+class _Group:
+    """Checkpoint tensors that become one model tensor: a single (maybe renamed) key, or the pieces a
+    transformers WeightConverter merges (e.g. one tensor per expert into a 3-D expert stack)."""
+
+    target: str
+    sources: list[tuple[Path, str]]
+    converter: object | None = None
+    patterns: dict[str, str] = field(default_factory=dict)  # source key -> the converter pattern it matched
+
+
+def _plan_groups(model: nn.Module, keys: list[tuple[Path, str]], expected: dict, ignored: list[str]) -> list[_Group]:
+    """Map checkpoint keys onto the model's tensors with transformers' own checkpoint conversions for the
+    model type (renames such as GPT-NeoX's embed_out -> lm_head, per-expert tensors fused into 3-D
+    stacks), keeping the order in which the tensors lie in the files. Only key names are read here."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(model) if hasattr(model, "base_model_prefix") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", "") or None
+    groups: dict[str, _Group] = {}
+    for file, key in keys:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # a key already right must not be renamed away
+            name, pattern = key, None
+        if name not in expected:
+            ignored.append(key)
+            continue
+        group = groups.get(name)
+        if group is None:
+            converter = None
+            if pattern is not None:
+                converter = copy.deepcopy(next(c for c in converters if pattern in c.source_patterns))
+            group = groups[name] = _Group(name, [], converter)
+        elif group.converter is None or pattern is None:
+            raise ValueError(f"{file}: checkpoint tensors {group.sources[0][1]!r} and {key!r} both load into "
+                             f"{name!r}")
+        group.sources.append((file, key))
+        if pattern is not None:
+            group.patterns[key] = pattern
+    for group in groups.values():  # per-expert pieces in expert order, as transformers stacks them
+        group.sources.sort(key=lambda fk: dot_natural_key(fk[1]))
+    return list(groups.values())
+
+
+def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
+    try:
+        return handles[file].get_tensor(key)
+    except Exception as e:
+        raise ValueError(f"{file}: tensor {key!r} cannot be read, the file may be truncated ({one_line(e)})") from None
+
+
 @contextlib.contextmanager
 def _params_on_meta() -> Iterator[None]:
     """Create parameters on the meta device while buffers stay real.
@@ -202,8 +275,12 @@ def _params_on_meta() -> Iterator[None]:
 class _StreamingFill:
     """Fill a meta skeleton from safetensors files, one tensor at a time."""
 
-    def __init__(self, model: nn.Module, targets: set[str], cfg: QuantConfig, device: torch.device):
+    def __init__(self, model: nn.Module, targets: set[str], cfg: QuantConfig, device: torch.device,
+                 skip_experts: set[str] = frozenset()):
         self.model, self.targets, self.cfg, self.device = model, targets, cfg, device
+        self.experts = expert_parameters(model)  # 3-D expert stacks: quantized per expert
+        self.skip_experts = skip_experts
+        self.unquantized = dataclasses.replace(cfg, quant="none")
         self.expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.pending_bias: dict[str, torch.Tensor] = {}  # target layer -> bias that arrived before its weight
@@ -211,35 +288,54 @@ class _StreamingFill:
         self.ignored: list[str] = []
 
     def run(self, files: list[Path]) -> None:
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:
-                raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
-            with handle as f:
-                for key in f.keys():
-                    name = self._model_key(key)
-                    if name is None:
-                        self.ignored.append(key)
+        handles = {}
+        with contextlib.ExitStack() as stack:
+            for file in files:
+                try:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                except Exception as e:
+                    raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+            keys = [(file, key) for file, h in handles.items() for key in h.keys()]
+            for group in _plan_groups(self.model, keys, self.expected, self.ignored):
+                if group.converter is None:
+                    (file, key), = group.sources
+                    self.place(file, key, group.target, _read(handles, file, key))
+                    continue
+                self._check_complete(group)
+                for file, key in group.sources:
+                    group.converter.add_tensor(group.target, key, group.patterns[key], _read(handles, file, key))
+                file, key = group.sources[0]
+                try:
+                    converted = group.converter.convert(group.target, model=self.model, config=self.model.config)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot convert {key!r} and {len(group.sources) - 1} other tensor(s) "
+                                     f"into {group.target!r} as transformers does ({one_line(e)})") from None
+                for name in list(converted):
+                    tensor = converted.pop(name)
+                    tensor = tensor[0] if isinstance(tensor, list) else tensor
+                    if name not in self.expected:
+                        self.ignored.append(name)
                         continue
-                    try:
-                        tensor = f.get_tensor(key)
-                    except Exception as e:
-                        raise ValueError(f"{file}: tensor {key!r} cannot be read, the file may be truncated "
-                                         f"({one_line(e)})") from None
-                    self.place(file, key, name, tensor)
+                    self.place(file, f"{name} (from {key!r} ...)", name, tensor)
                     del tensor
         self.finish()
 
-    def _model_key(self, key: str) -> str | None:
-        # Checkpoints differ in whether keys carry the base model's prefix ("transformer.", "model.").
-        if key in self.expected:
-            return key
-        if self.prefix and f"{self.prefix}.{key}" in self.expected:
-            return f"{self.prefix}.{key}"
-        if self.prefix and key.startswith(self.prefix + ".") and key[len(self.prefix) + 1:] in self.expected:
-            return key[len(self.prefix) + 1:]
-        return None
+    def _check_complete(self, group: _Group) -> None:
+        """A stack of per-expert tensors must hold every expert the config asks for."""
+        want = self.expected.get(group.target)
+        if want is None or want.ndim != 3:
+            return
+        per_pattern: dict[str, list[str]] = {}
+        for _, key in group.sources:
+            per_pattern.setdefault(group.patterns[key], []).append(key)
+        for pattern, keys in per_pattern.items():
+            if "*" in pattern and len(keys) != want.shape[0]:
+                index = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+                found = {int(m.group(1)) for k in keys if (m := index.search(k))}
+                lost = sorted(set(range(want.shape[0])) - found)
+                which = f"expert(s) {', '.join(map(str, lost[:8]))}" if lost else "some experts"
+                raise ValueError(f"checkpoint has {len(keys)} of the {want.shape[0]} experts for {group.target!r} "
+                                 f"(tensors {pattern!r}): {which} missing")
 
     def place(self, file: Path, key: str, name: str, tensor: torch.Tensor) -> None:
         want = tuple(self.expected[name].shape)
@@ -247,7 +343,17 @@ class _StreamingFill:
             raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} but the model's config "
                              f"expects {want}")
         module_name, _, leaf = name.rpartition(".")
-        if module_name in self.targets and leaf in ("weight", "bias"):
+        if name in self.experts:
+            if not tensor.is_floating_point():
+                raise ValueError(f"{file}: tensor {key!r} is {tensor.dtype}, expected floating-point weights")
+            transposed, whole, order = self.experts[name]
+            cfg = self.cfg if self.cfg.quant == "none" or name not in self.skip_experts else self.unquantized
+            try:
+                stack = ExpertStack.from_dense(tensor.to(self.device), cfg, transposed, leaf, whole, order)
+            except ValueError as e:
+                raise ValueError(f"{file}: tensor {key!r}: {e}") from None
+            place_stack(self.model, name, stack.to(self.device))
+        elif module_name in self.targets and leaf in ("weight", "bias"):
             if leaf == "bias":
                 layer = self.model.get_submodule(module_name)
                 if isinstance(layer, QuantLinear):
@@ -284,6 +390,16 @@ class _StreamingFill:
             else:
                 warnings.warn("config.json ties the output head to the embeddings, but the checkpoint has its own "
                               "different head weights: keeping them (untied), as transformers does", stacklevel=3)
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            # other ties transformers makes (e.g. an output bias shared with the head): one tensor, two names
+            owner_name, _, leaf = target.rpartition(".")
+            try:
+                owner, tied = model.get_submodule(owner_name), model.get_parameter(source)
+            except AttributeError:
+                continue
+            current = owner._parameters.get(leaf)
+            if current is not None and current.is_meta and not tied.is_meta:
+                owner._parameters[leaf] = tied
         harmless = (".inv_freq", ".attn.bias", ".attn.masked_bias")
         unexpected = [k for k in self.ignored if not k.endswith(harmless)]
         if unexpected:

@@ -27,6 +27,7 @@ from .adapters import BASE_QUANT, load_adapter, read_adapter
 from .config import MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
 from .evaluate import score
+from .experts import ExpertStack, expert_stacks
 from .io import atomic_dir
 from .layers import QuantLinear
 from .loading import checkpoint_files, load_quantized, load_tokenizer
@@ -57,7 +58,11 @@ def merge(cfg: MergeConfig, log=print) -> dict:
                            blocksize=qcfg.blocksize)
     load_adapter(model, cfg.adapter)  # refuses an adapter that does not fit, before any work
     layers = lora_layers(model)
-    if cfg.quantized and any(m.fan_in_fan_out for m in layers.values()):
+    stacks = expert_stacks(model)
+    experts = {n for n in layers if n.rpartition(".")[0] in stacks}  # one expert of a 3-D stack
+    if stacks and cfg.onto == "original":
+        raise ValueError(f"{src}: --onto original is not supported for models with experts; use --onto quantized")
+    if cfg.quantized and any(m.fan_in_fan_out for n, m in layers.items() if n not in experts):
         raise ValueError(f"{src}: {cfg.format} export of transposed Conv1D layers (GPT-2 style) is not supported; "
                          "export bf16/fp16/fp32 instead")
     tok = load_tokenizer(src)
@@ -70,6 +75,9 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     # The export's quantization: the trained one's block size and double quantization, in cfg.format.
     export_q = dataclasses.replace(qcfg, quant=cfg.format if cfg.quantized else qcfg.quant,
                                    compute_dtype=torch.float32)
+    if cfg.quantized and stacks:
+        log(f"{len(stacks)} expert stacks are exported in {cfg.dtype}: transformers + bitsandbytes quantizes only "
+            "nn.Linear layers and cannot hold 3-D expert weights quantized")
     rows, new_packed = [], {}
     original = _SourceTensors(src, model) if cfg.onto == "original" else None
     for name, layer in layers.items():
@@ -80,7 +88,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
         row = {"layer": name, "update_rel": _ratio(delta, base), "shape": [layer.out_features, layer.in_features]}
         if original:
             row["quant_err_rel"] = _ratio(w_q - base, base)
-        if cfg.quantized:
+        if cfg.quantized and name not in experts:
             packed, new_w, row["scales"] = _requantize(layer, merged, export_q, method, hessians[name])
             # What the export would hold without the update: the trained weights, in the export's format.
             old_w = w_q if cfg.format == qcfg.quant else _dequantize(formats.quantize(base, export_q), layer,
@@ -89,13 +97,16 @@ def merge(cfg: MergeConfig, log=print) -> dict:
             row["codes_changed"] = _values_changed(new_w, old_w)
             new_packed[name] = packed
         else:
-            out_dtype = parse_dtype(cfg.format)
+            out_dtype = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
             row.update(_retained(merged.to(out_dtype).float() - base.to(out_dtype).float(), delta, hessians.pop(name)))
             new_packed[name] = merged.to(out_dtype)
         rows.append(row)
 
     report = {"format": cfg.format, "method": method, "onto": cfg.onto, "model": str(src), "adapter": str(cfg.adapter),
               "layers": rows}
+    if cfg.quantized and stacks:
+        report["experts_exported_dense"] = {"stacks": len(stacks), "dtype": cfg.dtype,
+                                            "why": "transformers + bitsandbytes quantizes only nn.Linear layers"}
     with atomic_dir(out) as tmp:
         _write_export(model, src, tmp, cfg, export_q, qcfg.compute_dtype, new_packed, tok)
         log(f"wrote the {cfg.format} export; evaluating it")
@@ -280,7 +291,18 @@ def _write_export(model: nn.Module, src: Path, folder: Path, cfg: MergeConfig, e
             current, size = {}, 0
 
     seen: set[int] = set()
+    stacks = expert_stacks(model)
     for name, module in model.named_modules():
+        if name.rpartition(".")[0] in stacks:
+            continue  # an expert: written with its stack
+        if isinstance(module, ExpertStack):  # transformers' 3-D parameter, in the dense dtype
+            mats = []
+            for e, expert in enumerate(module):
+                value = merged.get(f"{name}.{e}")
+                value = expert.dequantize(torch.float32).to(dense_dtype) if value is None else value.to(dense_dtype)
+                mats.append(value.t() if module.transposed else value)
+            add(f"{name}.weight" if module.replaces_module else name, torch.stack(mats))
+            continue
         if isinstance(module, QuantLinear):
             value = merged.get(name)
             if value is None and not cfg.quantized:  # a layer the adapter did not touch

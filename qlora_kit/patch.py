@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig, QuantConfig
+from .experts import ExpertStack, expert_stacks, router_linears
 from .layers import QuantLinear
 
 
@@ -30,9 +31,20 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Dotted paths of every linear layer except the output head, in module order."""
+    """Dotted paths of every linear layer except the output head and MoE routers, in module order (the
+    experts of an ExpertStack are not listed one by one: the stack is a target of its own)."""
     head = output_head(model)
-    return [name for name, m in model.named_modules() if is_linear(m) and m is not head]
+    routers = router_linears(model)
+    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, ExpertStack) for c, _ in m.named_children()}
+    return [name for name, m in model.named_modules()
+            if is_linear(m) and m is not head and name not in routers and name not in inside]
+
+
+def target_candidates(model: nn.Module) -> list[str]:
+    """What LoRA can go on: the linear layers of `linear_names` and the expert stacks, in module order."""
+    stacks = set(expert_stacks(model))
+    linears = set(linear_names(model))
+    return [n for n, _ in model.named_modules() if n in linears or n in stacks]
 
 
 def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
@@ -41,21 +53,33 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     Raises:
         ValueError: when nothing matches, or a listed name is not a linear layer.
     """
-    candidates = linear_names(model)
+    candidates = target_candidates(model)
+    stacks = expert_stacks(model)
+    inside = {f"{n}.{c}" for n, m in stacks.items() for c, _ in m.named_children()}
     if targets == "all-linear":
         chosen = candidates
     elif isinstance(targets, str):
-        # A regex picks among the linear layers (the output head included, if it matches).
-        chosen = [n for n, m in model.named_modules() if is_linear(m) and re.fullmatch(targets, n)]
+        # A regex picks among the linear layers and expert stacks (the output head included, if it matches).
+        chosen = [n for n, m in model.named_modules()
+                  if (is_linear(m) or isinstance(m, ExpertStack)) and n not in inside and re.fullmatch(targets, n)]
     else:
         modules = dict(model.named_modules())
         chosen = []
         for want in targets:
-            hits = [n for n in modules if n == want or n.endswith("." + want)]
+            bare = want.removesuffix(".weight")  # a parallel-experts stack named as PEFT names its parameter
+            if bare != want and any(k == bare or k.endswith("." + bare) for k in stacks):
+                want = bare
+            hits = [n for n in modules if (n == want or n.endswith("." + want)) and n not in inside]
+            # an experts module stands for its stacks
+            hits = [k for n in hits for k in ([k for k in stacks if k.startswith(n + ".")] or [n])]
             if not hits:
+                if "expert" in want and not stacks:
+                    raise ValueError(f"target {want!r} names expert weights, but {type(model).__name__} has no "
+                                     "experts (a dense model); use its linear layers: "
+                                     f"{', '.join(_short_names(candidates))}")
                 raise ValueError(f"target {want!r} matches no module of {type(model).__name__}; "
                                  f"linear layers are named like: {', '.join(_short_names(candidates))}")
-            bad = [n for n in hits if not is_linear(modules[n])]
+            bad = [n for n in hits if not is_linear(modules[n]) and not isinstance(modules[n], ExpertStack)]
             if bad:
                 raise ValueError(f"target {want!r} matches {bad[0]!r}, a {type(modules[bad[0]]).__name__}, "
                                  "not a linear layer")
@@ -108,6 +132,11 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float 
         p.requires_grad_(False)
     for name in names:
         module = model.get_submodule(name)
+        if isinstance(module, ExpertStack):  # no dropout on experts, as in PEFT's LoRA for 3-D parameters
+            for expert in module:
+                expert.attach_lora(cfg.rank_for(name), cfg.alpha_for(name), 0.0, rslora=cfg.rslora,
+                                   init=cfg.init, dtype=cfg.adapter_dtype)
+            continue
         if not isinstance(module, QuantLinear):
             dtype = module.weight.dtype
             module = to_quant_linear(module, QuantConfig(quant="none", compute_dtype=dtype)).to(module.weight.device)

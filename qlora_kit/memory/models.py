@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import defaults, hub
 from ..config import FOUR_BIT, TrainConfig, one_line
+from ..experts import ExpertStack, expert_parameters, place_stack
 from ..formats import packed_layout
 from ..layers import QuantLinear
 
@@ -101,6 +102,16 @@ def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
         packed = {key: torch.empty(shape, dtype=dtype, device="meta")
                   for key, (shape, dtype) in packed_layout(out_f, in_f, qcfg).items()}
         set_submodule(model, name, QuantLinear(in_f, out_f, packed, qcfg, dense.bias, fan_in_fan_out))
+    for path, (transposed, whole, order) in expert_parameters(model).items():  # each expert packed on its own
+        n_exp, d1, d2 = model.get_parameter(path).shape
+        out_f, in_f = (d2, d1) if transposed else (d1, d2)
+        if qcfg.quant in FOUR_BIT and (out_f * in_f) % qcfg.blocksize:
+            raise ValueError(f"{where}: experts {path} of shape {(out_f, in_f)} do not divide into blocks of "
+                             f"{qcfg.blocksize}; loading them would fail too")
+        experts = [QuantLinear(in_f, out_f, {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype)
+                                             in packed_layout(out_f, in_f, qcfg).items()}, qcfg, None, transposed)
+                   for _ in range(n_exp)]
+        place_stack(model, path, ExpertStack(experts, transposed, path.rpartition(".")[2], whole, order))
     add_lora(model, config=cfg.lora_config())
     model.qlora_quant_config = qcfg
     return model
