@@ -206,14 +206,11 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     out = torch.zeros_like(hidden_states)
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
-    if flat.is_meta:  # a memory estimate: the routed tokens spread evenly over the experts
-        n = -(-flat.numel() // up.num_experts)
-        counts = [n] * up.num_experts
-        order = torch.empty(n * up.num_experts, dtype=torch.long, device="meta")
-    else:
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=up.num_experts).tolist()  # one host sync per layer
-    weights = top_k_weights.reshape(-1)[order] if not flat.is_meta else top_k_weights.new_empty(order.shape)
+    if flat.is_meta:
+        return _meta_experts(self, hidden_states, top_k_weights, up, up_bias, down, out)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=up.num_experts).tolist()  # one host sync per layer
+    weights = top_k_weights.reshape(-1)[order]
     tokens = order // k
     start = 0
     for e, n in enumerate(counts):
@@ -222,17 +219,49 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
             continue
         idx, w = tokens[start:start + n], weights[start:start + n]
         start += n
-        h = up[e](hidden_states[idx])  # (n, out of the up projection)
-        if up_bias is not None:
-            h = h + up_bias[e]
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = down[e](h)  # (n, H)
-        if self.has_bias:
-            y = y + self.down_proj_bias[e]
-        if self.has_post_expert_norm:
-            y = self.post_expert_norm(y)
-        out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
+        _run_expert(self, e, hidden_states, idx, w, up, up_bias, down, out)
     return out
+
+
+def _run_expert(self: nn.Module, e: int, hidden_states: Tensor, idx: Tensor, w: Tensor, up: ExpertStack,
+                up_bias: Tensor | None, down: ExpertStack, out: Tensor) -> None:
+    h = up[e](hidden_states[idx])  # (n, out of the up projection)
+    if up_bias is not None:
+        h = h + up_bias[e]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = down[e](h)  # (n, H)
+    if self.has_bias:
+        y = y + self.down_proj_bias[e]
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
+
+
+def _meta_experts(self: nn.Module, hidden_states: Tensor, top_k_weights: Tensor, up: ExpertStack,
+                  up_bias: Tensor | None, down: ExpertStack, out: Tensor) -> Tensor:
+    """A memory estimate (meta tensors, no routing values): every routed (token, expert) pair runs through
+    one expert. What the forward keeps is the same in sum as over the real routed groups (the same token
+    count, one decoded weight at a time), at 1/E of the Python work; every other expert's LoRA factors
+    then get their gradients in backward, as the routed pairs give them."""
+    n = top_k_weights.numel()
+    idx = torch.empty(n, dtype=torch.long, device="meta")
+    _run_expert(self, 0, hidden_states, idx, top_k_weights.reshape(-1), up, up_bias, down, out)
+    others = [p for stack in (up, down) for layer in list(stack)[1:] for p in (layer.lora_A, layer.lora_B)
+              if p is not None and p.requires_grad]
+    return _GradsFor.apply(out, *others) if others else out
+
+
+class _GradsFor(torch.autograd.Function):
+    """Identity on `x` that gives `params` a (zero) gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes)
 
 
 def _register() -> None:

@@ -105,8 +105,16 @@ def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Itera
 
 
 def _skeleton(config, cfg: QuantConfig) -> nn.Module:
+    import transformers
+
     with _params_on_meta():
-        return AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=cfg.compute_dtype)
+        except ValueError:  # a text config saved from a multimodal family: its class is named in the config
+            cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+            if cls is None:
+                raise
+            return cls._from_config(config, dtype=cfg.compute_dtype)
 
 
 def _loaded(model: nn.Module, cfg: QuantConfig, path: str | None) -> nn.Module:

@@ -7,7 +7,9 @@ Nothing here knows a model family's module names: a layer is a target because of
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import re
 from collections.abc import Iterator
 
@@ -21,8 +23,29 @@ from .layers import QuantLinear
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, transformers' Conv1D (a linear with its weight stored (in, out)), or a QuantLinear."""
-    return isinstance(module, (nn.Linear, Conv1D, QuantLinear))
+    """nn.Linear, transformers' Conv1D (a linear with its weight stored (in, out)), or a QuantLinear; a
+    subclass only when it keeps the plain forward (one with its own forward uses its weight its own way)."""
+    if isinstance(module, QuantLinear):
+        return True
+    if isinstance(module, Conv1D):
+        return type(module).forward is Conv1D.forward
+    return isinstance(module, nn.Linear) and _plain_linear(type(module))
+
+
+@functools.cache
+def _plain_linear(cls: type) -> bool:
+    """Whether an nn.Linear subclass computes x @ W.T + b: its forward, tried on a small instance holding
+    only a weight and a bias (a forward that needs more, or computes something else, is not plain)."""
+    if cls.forward is nn.Linear.forward:
+        return True
+    probe = cls.__new__(cls)
+    nn.Linear.__init__(probe, 8, 5, bias=True)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            return torch.allclose(probe(x), torch.nn.functional.linear(x, probe.weight, probe.bias), atol=1e-6)
+    except Exception:
+        return False
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -32,12 +55,27 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Dotted paths of every linear layer except the output head and MoE routers, in module order (the
-    experts of an ExpertStack are not listed one by one: the stack is a target of its own)."""
+    experts of an ExpertStack are not listed one by one: the stack is a target of its own). A linear
+    whose weight its parent module reads directly (`self.dt_proj.weight @ ...` in Mamba) is left out
+    too: it must stay a dense weight."""
     head = output_head(model)
     routers = router_linears(model)
     inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, ExpertStack) for c, _ in m.named_children()}
-    return [name for name, m in model.named_modules()
-            if is_linear(m) and m is not head and name not in routers and name not in inside]
+    read_directly = {f"{n}.{c}" if n else c for n, m in model.named_modules() for c in _weights_read_by(type(m))}
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head
+            and name not in routers and name not in inside and name not in read_directly]
+
+
+@functools.cache
+def _weights_read_by(cls: type) -> frozenset[str]:
+    """Children whose weight the class's own code multiplies with directly, not through their forward."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return frozenset()
+    # a product with the weight itself (`self.dt_proj.weight @ x`, `x @ self.w.weight`, `torch.matmul(self.w.weight`)
+    pattern = r"self\.(\w+)\.weight\s*@|@\s*self\.(\w+)\.weight\b|matmul\(\s*self\.(\w+)\.weight\b"
+    return frozenset(n for groups in re.findall(pattern, source) for n in groups if n)
 
 
 def target_candidates(model: nn.Module) -> list[str]:
@@ -143,16 +181,18 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float 
             set_submodule(model, name, module)
         module.attach_lora(cfg.rank_for(name), cfg.alpha_for(name), cfg.dropout, rslora=cfg.rslora,
                            init=cfg.init, dtype=cfg.adapter_dtype)
-    if hasattr(model, "enable_input_require_grads"):
-        # With gradient checkpointing and a frozen embedding, the checkpointed blocks would see
-        # inputs that do not require grad and the LoRA factors inside them would get no gradient.
-        model.enable_input_require_grads()
     return model
 
 
 def enable_checkpointing(model: nn.Module, **kwargs) -> None:
     """transformers' non-reentrant activation checkpointing of every decoder layer (kwargs: for checkpoint())."""
     kwargs = {"use_reentrant": False, **kwargs}
+    if hasattr(model, "enable_input_require_grads"):
+        # With a frozen embedding the checkpointed blocks would see inputs that do not require grad, and
+        # reentrant checkpointing would give the LoRA factors inside them no gradient. Only here: the hook
+        # makes the embedding output a leaf that requires grad, which models scaling it in place (CTRL)
+        # cannot take.
+        model.enable_input_require_grads()
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

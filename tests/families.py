@@ -18,6 +18,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 VOCAB = 128
+MAX_PARAMS = 20_000_000
 
 # field name -> small value; applied only where the config has the field
 SIZES = {
@@ -94,6 +95,8 @@ def build_small(model_type: str, seed: int = 0, dtype=torch.float32):
     """A small random model of the family (eval mode), with non-trivial biases and norms."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(small_config(model_type), dtype=dtype)
+    if model.num_parameters() > MAX_PARAMS:  # parts the size fields above do not reach (vision/audio towers)
+        raise ValueError(f"{model_type} keeps {model.num_parameters():,} parameters in a small config")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -117,6 +120,7 @@ def check_family(model_type: str, folder) -> dict:
 
     ref = build_small(model_type)
     ref.save_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(folder)  # raises: transformers cannot reload its own small save
     ids = torch.randint(3, VOCAB - 8, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(input_ids=ids, use_cache=False).logits.float()  # raises: the family does not run small

@@ -19,6 +19,7 @@ from qlora_kit.formats import bytes_per_weight, make_optimizer, packed_layout, q
 from qlora_kit.layers import QuantLinear
 
 from .conftest import tiny_config
+from .families import small_config
 
 LLAMA3_8B = Path(__file__).parent.parent / "examples" / "configs" / "llama-3-8b.json"
 
@@ -42,6 +43,12 @@ def small_dirs(tmp_path_factory):
             sizes["sliding_window"] = 96
         tiny_config(arch, vocab_size=1000, max_position_embeddings=512, **sizes).save_pretrained(d)
         out[arch] = d
+    d = tmp_path_factory.mktemp("cfg-qwen3_moe")  # experts: packed per expert, activations by routed tokens
+    moe = small_config("qwen3_moe")
+    moe.vocab_size, moe.hidden_size, moe.moe_intermediate_size, moe.max_position_embeddings = 1000, 128, 64, 512
+    moe.num_experts, moe.num_experts_per_tok = 8, 2
+    moe.save_pretrained(d)
+    out["qwen3_moe"] = d
     return out
 
 
@@ -186,6 +193,7 @@ SWEEP = {
     "mistral": {"seq_len": [64, 384], "gradient_checkpointing": [False, True], "batch_size": [1, 2]},
     # tiny batches and big ranks: the optimizer step is the peak
     "llama-opt": {"rank": [64, 128], "seq_len": [4, 32], "optimizer": ["adamw", "adamw8bit"]},
+    "qwen3_moe": {"seq_len": [32, 256], "gradient_checkpointing": [False, True], "quant": ["nf4", "int8"]},
 }
 
 
@@ -371,3 +379,22 @@ def test_cli_reads_a_training_yaml(small_dirs, tmp_path, capsys):
     est = json.loads(capsys.readouterr().out)["estimate"]
     assert est["settings"]["seq_len"] == 96 and est["settings"]["batch_size"] == 3 and est["settings"]["rank"] == 4
     assert est["model"]["config"] == str(small_dirs["llama"] / "config.json")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_experts_count_by_their_packed_bytes(small_dirs, quant):
+    """An MoE estimate's static parts equal the bytes of the model built for real: every expert packed."""
+    from qlora_kit.experts import expert_stacks
+    from qlora_kit.memory.models import random_model
+
+    cfg = TrainConfig(model=str(small_dirs["qwen3_moe"]), quant=quant, rank=4, seq_len=16, batch_size=1)
+    est = memory.estimate(cfg, "cpu", compare=False)
+    model = random_model(memory.read_model_config(cfg.model), cfg, "cpu")
+    stacks = expert_stacks(model)
+    assert len(stacks) == 2 * 2 and all(len(s) == 8 for s in stacks.values())
+    packed = [t for m in model.modules() if isinstance(m, QuantLinear) for t in m.packed().values()]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert est.components["quantized weights"] == storage_bytes(packed)
+    assert est.components["LoRA parameters"] == storage_bytes(lora)
+    assert est.model["quantized_params"] == sum(m.in_features * m.out_features for m in model.modules()
+                                                if isinstance(m, QuantLinear))
