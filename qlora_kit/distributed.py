@@ -106,18 +106,25 @@ def all_reduce_sum(ctx: Context, values: Tensor, what: str) -> Tensor:
 
 
 def average_gradients(ctx: Context, params: list[nn.Parameter]) -> None:
-    """Average the LoRA gradients over the ranks: one all-reduce of one flat buffer."""
+    """Average the LoRA gradients over the ranks: one all-reduce of one flat buffer.
+
+    A parameter may have no gradient on some ranks (an expert no token of this rank's rows was routed
+    to): it counts as zero there, and it stays without a gradient only where no rank gave it one, as in
+    one process over the whole batch.
+    """
     if not ctx.enabled:
         return
-    grads = [p.grad for p in params]
-    if any(g is None for g in grads):
-        raise RuntimeError("a LoRA parameter got no gradient on this rank")
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([had.to(grads[0].device)] + [g.reshape(-1).float() for g in grads]) if grads else had
     all_reduce_sum(ctx, flat, "the gradient all-reduce")
-    flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+    offset = len(params)
+    for p, g, count in zip(params, grads, flat[:len(params)].tolist(), strict=True):
+        if count > 0:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g) / ctx.world_size)
+            p.grad = g
+        else:
+            p.grad = None
         offset += g.numel()
 
 

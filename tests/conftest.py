@@ -147,3 +147,18 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "play.txt"
     path.write_text(synthetic_text())
     return path
+
+
+@pytest.fixture(scope="session")
+def moe_run_model(tmp_path_factory):
+    """A small Qwen3-MoE with a real tokenizer, saved in transformers' per-expert checkpoint layout."""
+    from .families import small_config
+
+    folder = tmp_path_factory.mktemp("moe_run")
+    tok = make_tokenizer(folder)
+    cfg = small_config("qwen3_moe")
+    cfg.vocab_size, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = len(tok), tok.eos_token_id, \
+        tok.pad_token_id, None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder

@@ -69,6 +69,8 @@ def small_config(model_type: str):
                 continue  # derived from other fields (e.g. Falcon's head_dim)
             if key in obj.to_dict() or hasattr(type(obj), key):
                 obj_kwargs[key] = value
+    if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:  # MLA (DeepSeek-V3): rotary over the rope part
+        kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
     rotary = getattr(text, "rotary_dim", None)
     if isinstance(rotary, int):  # GPT-J / CodeGen: rotary dims within a head
         kwargs["rotary_dim"] = 8
@@ -93,10 +95,13 @@ def small_config(model_type: str):
 
 def build_small(model_type: str, seed: int = 0, dtype=torch.float32):
     """A small random model of the family (eval mode), with non-trivial biases and norms."""
+    config = small_config(model_type)
+    with torch.device("meta"):  # sized first, without memory
+        count = AutoModelForCausalLM.from_config(config, dtype=dtype).num_parameters()
+    if count > MAX_PARAMS:  # parts the size fields above do not reach (vision/audio towers)
+        raise ValueError(f"{model_type} keeps {count:,} parameters in a small config")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(small_config(model_type), dtype=dtype)
-    if model.num_parameters() > MAX_PARAMS:  # parts the size fields above do not reach (vision/audio towers)
-        raise ValueError(f"{model_type} keeps {model.num_parameters():,} parameters in a small config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

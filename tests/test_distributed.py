@@ -202,3 +202,15 @@ def test_memory_cli_reports_one_rank_of_an_fsdp_launch(model_dirs, capsys):
     assert main(["memory", "--model", str(model_dirs["llama"] / "config.json"), "--fsdp", "--ranks", "4"]) == 0
     out = capsys.readouterr().out
     assert "one of 4 ranks (FSDP2)" in out and "FSDP gathered weights" in out
+
+
+def test_fsdp2_trains_an_moe_model_as_one_process_does(moe_run_model, text_file, tmp_path):
+    """Experts sharded with their layer, per-expert LoRA factors averaged over the ranks: the same adapter."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "qlora_kit", "train", *flags(moe_run_model, text_file, one, steps=4)])
+    run(torchrun() + ["-m", "qlora_kit", "train", *flags(moe_run_model, text_file, two, steps=4, batch_size=2,
+                                                         fsdp=True)])
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys() and any(".experts." in k for k in a)
+    for k in a:
+        assert rel_err(b[k], a[k]) < 1e-4, k

@@ -203,22 +203,6 @@ def test_stack_quantizes_like_a_linear():
     assert torch.equal(t.dense(torch.float32), stack.dense(torch.float32).transpose(1, 2))
 
 
-@pytest.fixture(scope="module")
-def moe_run_model(tmp_path_factory):
-    """A small Qwen3-MoE with a real tokenizer, saved in transformers' per-expert checkpoint layout."""
-    from .conftest import make_tokenizer
-    from .families import small_config
-
-    folder = tmp_path_factory.mktemp("moe_run")
-    tok = make_tokenizer(folder)
-    cfg = small_config("qwen3_moe")
-    cfg.vocab_size, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = len(tok), tok.eos_token_id, \
-        tok.pad_token_id, None
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    return folder
-
-
 def test_training_on_experts_resumes_exactly(moe_run_model, text_file, tmp_path):
     from qlora_kit.checkpoints import latest_checkpoint
     from qlora_kit.train import train

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import qlora_kit as qk
 
@@ -235,3 +236,27 @@ def test_errors_name_the_tensor_and_file(copy_of):
                                          r"torch.int32") as e:
         qk.load_quantized(d)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_peak_memory_while_loading_per_expert_checkpoint(tmp_path, model_dirs):
+    """Per-expert tensors fused and quantized one stack at a time: the peak stays near the quantized model
+    plus one layer's experts, far below the dense model."""
+    from .families import small_config
+
+    cfg = small_config("qwen3_moe")
+    cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_hidden_layers = 256, 256, 16, 16
+    torch.manual_seed(0)
+    big = AutoModelForCausalLM.from_config(cfg)
+    fp32_bytes = sum(p.numel() * 4 for p in big.parameters())
+    layer_experts = sum(p.numel() * 4 for n, p in big.named_parameters() if ".layers.0.mlp.experts." in n)
+    d = tmp_path / "moe"
+    big.save_pretrained(d, max_shard_size="40MB")
+    del big
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(d), str(model_dirs["llama"])], env=env,
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    bound = res["model_bytes"] + 2 * layer_experts + 16 * 2**20  # the pieces and their fused stack, at most
+    assert res["peak_delta"] < bound, (res, bound, fp32_bytes)
+    assert bound < 0.5 * fp32_bytes
