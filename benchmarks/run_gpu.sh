@@ -30,4 +30,6 @@ run memory $py benchmarks/bench_memory.py --device cuda --model examples/configs
 run memory-estimate qlora-kit memory --model examples/configs/llama-3.2-1b.json --measure \
     --sweep seq-len=1024,2048,4096 --sweep gradient-checkpointing=false,true \
     --csv "$out/memory.csv" --plot "$out/memory.png"
+# one Qwen3-30B-A3B-shaped MoE layer (128 experts, top-8): quantized expert stacks vs PEFT target_parameters
+run moe $py benchmarks/bench_moe.py --device cuda --dtype bf16 --tokens 4096 --json "$out/moe.json"
 echo "results in $out/"
