@@ -61,8 +61,10 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
         raise ValueError("model has no LoRA layers to save; call add_lora first")
     stacks = {n: st for n, st in expert_stacks(model).items() if st[0].lora_A is not None}
     layers = {n: m for n, m in every.items() if n.rpartition(".")[0] not in stacks}
-    ranks = {n: m.r for n, m in layers.items()} | {n: st[0].r for n, st in stacks.items()}
-    alphas = {n: m.lora_alpha for n, m in layers.items()} | {n: st[0].lora_alpha for n, st in stacks.items()}
+    # expert stacks by their parameter's path, the key PEFT looks their rank and alpha up by
+    ranks = {n: m.r for n, m in layers.items()} | {peft_target(n, st): st[0].r for n, st in stacks.items()}
+    alphas = {n: m.lora_alpha for n, m in layers.items()} | {peft_target(n, st): st[0].lora_alpha
+                                                             for n, st in stacks.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     first = next(iter(every.values()))
@@ -200,6 +202,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     stack_pairs = _stack_pairs(model, path, config, pairs)  # expert factors, by stack name
     existing = {n: m for n, m in lora_layers(model).items()
                 if not isinstance(modules.get(n.rpartition(".")[0]), ExpertStack)}
+    with_lora = {n for n, st in expert_stacks(model).items() if st[0].lora_A is not None}
+    if (existing or with_lora) and with_lora != set(stack_pairs):
+        extra = sorted(with_lora ^ set(stack_pairs))[0]
+        raise ValueError(f"{path}: adapter and model differ on LoRA for the experts {extra!r}; load it into a "
+                         "model without LoRA instead")
+    for name, experts in stack_pairs.items():
+        if name in with_lora and modules[name][0].r != experts[0][0].shape[0]:
+            raise ValueError(f"{path}: adapter for the experts {name!r} (r={experts[0][0].shape[0]}) does not fit "
+                             f"the model's existing LoRA (r={modules[name][0].r}); load it into a model without LoRA")
     for name, (a, b) in pairs.items():  # check everything before changing anything
         module = modules.get(name)
         if module is None or not is_linear(module):
@@ -218,7 +229,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     alphas = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     for name, experts in stack_pairs.items():
-        alpha = pattern_lookup(alphas, name, config.get("lora_alpha", 8))
+        alpha = pattern_lookup(alphas, peft_target(name, modules[name]), config.get("lora_alpha", 8))
         for expert, (a, b) in zip(modules[name], experts, strict=True):
             if expert.lora_A is None:
                 expert.attach_lora(a.shape[0], alpha, 0.0, rslora=rslora, dtype=dtype)
@@ -272,7 +283,7 @@ def _stack_pairs(model: nn.Module, path: Path, config: dict,
             raise ValueError(f"{path}: adapter targets the expert weights of {name!r} but holds no factors for "
                              f"{key!r}")
         a, b = pairs.pop(key)
-        r = int(pattern_lookup(config.get("rank_pattern") or {}, name, config.get("r", a.shape[0])))
+        r = int(pattern_lookup(config.get("rank_pattern") or {}, peft_target(name, stack), config.get("r", a.shape[0])))
         if a.shape[1] != stack.in_features or b.shape[0] != stack.out_features or a.shape[0] % max(r, 1):
             raise ValueError(f"{path}: adapter for the experts {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)}, "
                              f"which do not fit {stack.num_experts} experts of {stack.in_features} -> "

@@ -53,11 +53,6 @@ class ExpertStack(nn.ModuleList):
         experts = [QuantLinear.from_dense(stack[e], cfg, fan_in_fan_out=transposed) for e in range(stack.shape[0])]
         return cls(experts, transposed, param_name, replaces_module, order)
 
-    @property
-    def source_shape(self) -> tuple[int, int, int]:
-        e, i, o = self.num_experts, self.in_features, self.out_features
-        return (e, i, o) if self.transposed else (e, o, i)
-
     def dense(self, dtype: torch.dtype | None = None, with_lora: bool = False) -> Tensor:
         """The stack as transformers' parameter: (E, out, in), or (E, in, out) when transposed."""
         mats = []
@@ -124,28 +119,40 @@ def _parallel_experts(module: nn.Module) -> bool:
 
 
 def router_linears(model: nn.Module) -> set[str]:
-    """Linear layers that route tokens to experts: in the block that holds an experts module, outside
-    it, with one output per expert. They stay in the compute dtype and take no LoRA."""
+    """Linear layers that route tokens to experts: in the block that holds an experts module, outside it,
+    reading what the experts read (hidden size in) and giving one output per expert. They stay in the
+    compute dtype and take no LoRA."""
     out = set()
     for name, module in model.named_modules():
-        count = getattr(module, "num_experts", None)
-        if not isinstance(count, int) or isinstance(module, ExpertStack) or not (
-                any(p.ndim == 3 for p in module.parameters(recurse=False))
-                or any(isinstance(c, ExpertStack) for c in module.children())):
-            if not isinstance(module, ExpertStack) or not module.replaces_module:
-                continue
+        width = _experts_input(module)
+        if width is None:
+            continue
+        count = module.num_experts
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         for child_name, child in parent.named_modules():
             path = f"{parent_name}.{child_name}" if parent_name else child_name
-            if child_name and not path.startswith(name + ".") and path != name \
-                    and isinstance(child, (nn.Linear, QuantLinear)) and _out_features(child) == count:
+            if child_name and path != name and not path.startswith(name + ".") \
+                    and isinstance(child, (nn.Linear, QuantLinear)) \
+                    and (child.out_features, child.in_features) == (count, width):
                 out.add(path)
     return out
 
 
-def _out_features(module: nn.Module) -> int:
-    return module.out_features
+def _experts_input(module: nn.Module) -> int | None:
+    """The input width of an experts module (its 3-D parameters, or stacks once loaded), else None."""
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int):
+        return None
+    if isinstance(module, ExpertStack):
+        return module.in_features if module.replaces_module else None
+    stacks = [c for c in module.children() if isinstance(c, ExpertStack)]
+    if stacks:
+        return min(stacks, key=lambda st: st.order).in_features
+    for p in module.parameters(recurse=False):  # the first 3-D one: the up projection
+        if p.ndim == 3 and p.shape[0] == count:
+            return p.shape[1] if getattr(module, "is_transposed", False) else p.shape[2]
+    return None
 
 
 def expert_stacks(model: nn.Module) -> dict[str, ExpertStack]:
@@ -165,11 +172,6 @@ def place_stack(model: nn.Module, path: str, stack: ExpertStack) -> None:
     config = getattr(owner, "config", None)
     if config is not None:
         config._experts_implementation = IMPLEMENTATION
-
-
-def stack_module_name(path: str, stack: ExpertStack) -> str:
-    """The module path of the stack placed for parameter `path`."""
-    return path.rpartition(".")[0] if stack.replaces_module else path
 
 
 def peft_key(model: nn.Module, stack_name: str, targeted: set[str]) -> tuple[str, str]:
@@ -203,7 +205,7 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     up = self.gate_up_proj if self.has_gate else self.up_proj
     up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     down = self.down_proj
-    out = torch.zeros_like(hidden_states)
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # sums in fp32
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     if flat.is_meta:
@@ -220,7 +222,7 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
         idx, w = tokens[start:start + n], weights[start:start + n]
         start += n
         _run_expert(self, e, hidden_states, idx, w, up, up_bias, down, out)
-    return out
+    return out.to(hidden_states.dtype)
 
 
 def _run_expert(self: nn.Module, e: int, hidden_states: Tensor, idx: Tensor, w: Tensor, up: ExpertStack,
@@ -248,6 +250,7 @@ def _meta_experts(self: nn.Module, hidden_states: Tensor, top_k_weights: Tensor,
     _run_expert(self, 0, hidden_states, idx, top_k_weights.reshape(-1), up, up_bias, down, out)
     others = [p for stack in (up, down) for layer in list(stack)[1:] for p in (layer.lora_A, layer.lora_B)
               if p is not None and p.requires_grad]
+    out = out.to(hidden_states.dtype)
     return _GradsFor.apply(out, *others) if others else out
 
 
@@ -257,7 +260,7 @@ class _GradsFor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
         ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):

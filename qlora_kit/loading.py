@@ -68,7 +68,7 @@ def load_quantized(path: str | os.PathLike, quant: str = "nf4", compute_dtype: t
     except Exception as e:  # transformers raises several types for a bad config
         raise ValueError(f"{path / 'config.json'}: cannot read model config ({one_line(e)})") from None
     model = _skeleton(config, cfg)
-    targets = set(linear_names(model))
+    targets = set(linear_names(model, device))
     skipped: set[str] = set()
     if skip:
         def skipped_name(n: str) -> bool:
@@ -91,7 +91,7 @@ def load_from_tensors(config, tensors: Callable[[dict[str, torch.Tensor]], Itera
     """
     device = check_device(device)
     model = _skeleton(config, cfg)
-    fill = _StreamingFill(model, set(linear_names(model)), cfg, device)
+    fill = _StreamingFill(model, set(linear_names(model, device)), cfg, device)
     seen: set[int] = set()
     expected = {}
     for name, t in fill.expected.items():  # a tied weight is one tensor under two names: fill it once
@@ -336,14 +336,17 @@ class _StreamingFill:
         per_pattern: dict[str, list[str]] = {}
         for _, key in group.sources:
             per_pattern.setdefault(group.patterns[key], []).append(key)
+        folder = group.sources[0][0].parent
         for pattern, keys in per_pattern.items():
             if "*" in pattern and len(keys) != want.shape[0]:
-                index = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+                # transformers' patterns are regexes in which "*." stands for one module index
+                index = re.compile(pattern.replace("*.", r"(\d+)\."))
                 found = {int(m.group(1)) for k in keys if (m := index.search(k))}
                 lost = sorted(set(range(want.shape[0])) - found)
-                which = f"expert(s) {', '.join(map(str, lost[:8]))}" if lost else "some experts"
-                raise ValueError(f"checkpoint has {len(keys)} of the {want.shape[0]} experts for {group.target!r} "
-                                 f"(tensors {pattern!r}): {which} missing")
+                which = (f"expert(s) {', '.join(map(str, lost[:8]))} missing" if lost and len(keys) < want.shape[0]
+                         else "more tensors than experts")
+                raise ValueError(f"{folder}: checkpoint has {len(keys)} tensors {pattern!r} for the {want.shape[0]} "
+                                 f"experts of {group.target!r}: {which}")
 
     def place(self, file: Path, key: str, name: str, tensor: torch.Tensor) -> None:
         want = tuple(self.expected[name].shape)
@@ -355,7 +358,7 @@ class _StreamingFill:
             if not tensor.is_floating_point():
                 raise ValueError(f"{file}: tensor {key!r} is {tensor.dtype}, expected floating-point weights")
             transposed, whole, order = self.experts[name]
-            cfg = self.cfg if self.cfg.quant == "none" or name not in self.skip_experts else self.unquantized
+            cfg = self.unquantized if name in self.skip_experts else self.cfg
             try:
                 stack = ExpertStack.from_dense(tensor.to(self.device), cfg, transposed, leaf, whole, order)
             except ValueError as e:

@@ -71,7 +71,10 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     log(f"merging {len(layers)} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
         f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights")
 
-    hessians = _input_hessians(model, layers, calib)
+    # the experts of a stack share one statistics matrix (their routed inputs together): one in x in matrix
+    # per stack, not per expert
+    hkey = {n: n.rpartition(".")[0] if n in experts else n for n in layers}
+    hessians = _input_hessians(model, layers, calib, hkey)
     # The export's quantization: the trained one's block size and double quantization, in cfg.format.
     export_q = dataclasses.replace(qcfg, quant=cfg.format if cfg.quantized else qcfg.quant,
                                    compute_dtype=torch.float32)
@@ -89,16 +92,17 @@ def merge(cfg: MergeConfig, log=print) -> dict:
         if original:
             row["quant_err_rel"] = _ratio(w_q - base, base)
         if cfg.quantized and name not in experts:
-            packed, new_w, row["scales"] = _requantize(layer, merged, export_q, method, hessians[name])
+            packed, new_w, row["scales"] = _requantize(layer, merged, export_q, method, hessians[hkey[name]])
             # What the export would hold without the update: the trained weights, in the export's format.
             old_w = w_q if cfg.format == qcfg.quant else _dequantize(formats.quantize(base, export_q), layer,
                                                                      export_q)
-            row.update(_retained(new_w - old_w, delta, hessians.pop(name)))
+            row.update(_retained(new_w - old_w, delta, hessians.pop(hkey[name])))
             row["codes_changed"] = _values_changed(new_w, old_w)
             new_packed[name] = packed
         else:
             out_dtype = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
-            row.update(_retained(merged.to(out_dtype).float() - base.to(out_dtype).float(), delta, hessians.pop(name)))
+            h = hessians[hkey[name]] if name in experts else hessians.pop(name)
+            row.update(_retained(merged.to(out_dtype).float() - base.to(out_dtype).float(), delta, h))
             new_packed[name] = merged.to(out_dtype)
         rows.append(row)
 
@@ -198,14 +202,16 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, grid, block: int = 128, d
 
 
 @torch.no_grad()
-def _input_hessians(model: nn.Module, layers: dict[str, QuantLinear], calib: Sequences) -> dict[str, torch.Tensor]:
-    """H = sum of x x^T over the calibration tokens, for each LoRA layer's input (adapter on)."""
-    hs = {name: torch.zeros(m.in_features, m.in_features) for name, m in layers.items()}
+def _input_hessians(model: nn.Module, layers: dict[str, QuantLinear], calib: Sequences,
+                    key: dict[str, str]) -> dict[str, torch.Tensor]:
+    """H = sum of x x^T over the calibration tokens, for each LoRA layer's input (adapter on); layers with
+    the same `key` add into one matrix."""
+    hs = {key[name]: torch.zeros(m.in_features, m.in_features) for name, m in layers.items()}
 
     def hook(name):
         def fn(module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            hs[name].addmm_(x.t(), x)
+            hs[key[name]].addmm_(x.t(), x)
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]

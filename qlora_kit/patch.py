@@ -39,7 +39,8 @@ def _plain_linear(cls: type) -> bool:
     if cls.forward is nn.Linear.forward:
         return True
     probe = cls.__new__(cls)
-    nn.Linear.__init__(probe, 8, 5, bias=True)
+    with torch.random.fork_rng(devices=[]):  # its initialisation must not move the caller's random stream
+        nn.Linear.__init__(probe, 8, 5, bias=True, device="cpu")
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
@@ -53,27 +54,41 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return get() if get is not None else None
 
 
-def linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: nn.Module, device: str | torch.device | None = None) -> list[str]:
     """Dotted paths of every linear layer except the output head and MoE routers, in module order (the
-    experts of an ExpertStack are not listed one by one: the stack is a target of its own). A linear
-    whose weight its parent module reads directly (`self.dt_proj.weight @ ...` in Mamba) is left out
-    too: it must stay a dense weight."""
+    experts of an ExpertStack are not listed one by one: the stack is a target of its own).
+
+    A linear whose weight its parent module uses itself stays dense and is left out: on a CPU, one the
+    parent multiplies with (`self.dt_proj.weight @ x` in Mamba's slow path); on CUDA, also one it hands to
+    a fused kernel (Mamba's fast path takes x_proj's and out_proj's weights). `device`: where the model
+    runs (default: where its tensors are).
+    """
     head = output_head(model)
     routers = router_linears(model)
     inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, ExpertStack) for c, _ in m.named_children()}
-    read_directly = {f"{n}.{c}" if n else c for n, m in model.named_modules() for c in _weights_read_by(type(m))}
+    read_directly = _read_directly(model, device)
     return [name for name, m in model.named_modules() if is_linear(m) and m is not head
             and name not in routers and name not in inside and name not in read_directly]
 
 
+def _read_directly(model: nn.Module, device: str | torch.device | None = None) -> set[str]:
+    if device is None:  # where the model was built for (a meta model for a memory estimate), else its tensors
+        device = getattr(model, "qlora_device", None) or next(
+            (t.device for t in [*model.parameters(), *model.buffers()] if not t.is_meta), "cpu")
+    strict = torch.device(device).type == "cuda"
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules() for c in _weights_read_by(type(m), strict)}
+
+
 @functools.cache
-def _weights_read_by(cls: type) -> frozenset[str]:
-    """Children whose weight the class's own code multiplies with directly, not through their forward."""
+def _weights_read_by(cls: type, strict: bool) -> frozenset[str]:
+    """Children whose weight the class's own code uses directly, not through their forward: multiplied with
+    (`@`, `matmul(`), or with `strict` any use of the weight itself (not its device, dtype or shape)."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return frozenset()
-    # a product with the weight itself (`self.dt_proj.weight @ x`, `x @ self.w.weight`, `torch.matmul(self.w.weight`)
+    if strict:
+        return frozenset(re.findall(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:device|dtype|shape|size|ndim))", source))
     pattern = r"self\.(\w+)\.weight\s*@|@\s*self\.(\w+)\.weight\b|matmul\(\s*self\.(\w+)\.weight\b"
     return frozenset(n for groups in re.findall(pattern, source) for n in groups if n)
 
@@ -94,12 +109,14 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     candidates = target_candidates(model)
     stacks = expert_stacks(model)
     inside = {f"{n}.{c}" for n, m in stacks.items() for c, _ in m.named_children()}
+    kept_dense = router_linears(model) | _read_directly(model)  # routers, and weights a parent uses itself
     if targets == "all-linear":
         chosen = candidates
     elif isinstance(targets, str):
         # A regex picks among the linear layers and expert stacks (the output head included, if it matches).
         chosen = [n for n, m in model.named_modules()
-                  if (is_linear(m) or isinstance(m, ExpertStack)) and n not in inside and re.fullmatch(targets, n)]
+                  if (is_linear(m) or isinstance(m, ExpertStack)) and n not in inside and n not in kept_dense
+                  and re.fullmatch(targets, n)]
     else:
         modules = dict(model.named_modules())
         chosen = []
@@ -108,8 +125,8 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
             if bare != want and any(k == bare or k.endswith("." + bare) for k in stacks):
                 want = bare
             hits = [n for n in modules if (n == want or n.endswith("." + want)) and n not in inside]
-            # an experts module stands for its stacks
-            hits = [k for n in hits for k in ([k for k in stacks if k.startswith(n + ".")] or [n])]
+            # an experts module stands for its stacks (the module that holds them, not any ancestor)
+            hits = [k for n in hits for k in ([k for k in stacks if k.rpartition(".")[0] == n] or [n])]
             if not hits:
                 if "expert" in want and not stacks:
                     raise ValueError(f"target {want!r} names expert weights, but {type(model).__name__} has no "
@@ -121,6 +138,10 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
             if bad:
                 raise ValueError(f"target {want!r} matches {bad[0]!r}, a {type(modules[bad[0]]).__name__}, "
                                  "not a linear layer")
+            dense = [n for n in hits if n in kept_dense]
+            if dense:
+                why = "a router" if dense[0] in router_linears(model) else "a layer whose weight its parent uses directly"
+                raise ValueError(f"target {want!r} matches {dense[0]!r}, {why}: it stays dense and takes no LoRA")
             chosen += hits
         order = {n: i for i, n in enumerate(modules)}
         chosen = sorted(set(chosen), key=order.__getitem__)

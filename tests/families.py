@@ -118,10 +118,11 @@ def check_family(model_type: str, folder) -> dict:
     3. LoRA goes on every linear layer and expert stack;
     4. one backward gives finite gradients on the LoRA factors and on nothing else.
     """
+    from transformers.pytorch_utils import Conv1D
+
     import qlora_kit as qk
-    from qlora_kit.experts import expert_stacks, router_linears
+    from qlora_kit.experts import expert_stacks
     from qlora_kit.layers import QuantLinear
-    from qlora_kit.patch import is_linear, output_head
 
     ref = build_small(model_type)
     ref.save_pretrained(folder)
@@ -134,18 +135,21 @@ def check_family(model_type: str, folder) -> dict:
     assert err < 1e-4, f"quant='none' logits differ from transformers' by {err:.2e}"
 
     model = qk.load_quantized(folder, quant="nf4")
-    head, routers = output_head(model), router_linears(model)
     quantized = sum(m.in_features * m.out_features for m in model.modules()
                     if isinstance(m, QuantLinear) and m.quant != "none")
-    dense = sum(m.weight.numel() for n, m in model.named_modules()
-                if is_linear(m) and not isinstance(m, QuantLinear) and m is not head and n not in routers)
-    dense += sum(p.numel() for p in model.parameters() if p.ndim == 3)  # experts left dense
-    share = quantized / max(quantized + dense, 1)
+    # the matmul weights, counted on plain transformers' model: every linear (routers included) but the
+    # output head, and every 3-D expert stack
+    head = ref.get_output_embeddings()
+    matmul = sum(m.weight.numel() for m in ref.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
+    matmul += sum(p.numel() for p in ref.parameters() if p.ndim == 3)
+    share = quantized / max(matmul, 1)
     assert share >= 0.9, f"only {share:.0%} of the matmul weights are stored quantized"
 
     qk.add_lora(model, r=2, alpha=4, dropout=0.0)
     stacks = expert_stacks(model)
     assert all(st[0].lora_A is not None for st in stacks.values())
+    bare = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.quant != "none" and m.lora_A is None]
+    assert not bare, f"quantized layers without LoRA: {bare[:3]}"
     model.train()
     out = model(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()

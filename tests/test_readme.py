@@ -27,7 +27,7 @@ def ci_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     test_cmd = readme_commands()["2."]
-    assert shlex.split(test_cmd)[-4:] == ["python", "-m", "pytest", "-q"]
+    assert shlex.split(test_cmd)[-6:] == ["python", "-m", "pytest", "-q", "-n", "2"]
     assert test_cmd in ci_commands()  # a line CI executes as it is, not a comment or a part of one
     assert any(line.startswith("ruff check") for line in ci_commands())
 

@@ -92,7 +92,8 @@ def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
             model = AutoModelForCausalLM.from_config(config, dtype=qcfg.compute_dtype)
     except Exception as e:
         raise ValueError(f"{where}: transformers cannot build the model ({one_line(e)})") from None
-    for name in linear_names(model):
+    model.qlora_device = device  # the target's rules for which linears stay dense (patch.linear_names)
+    for name in linear_names(model, device):
         dense = model.get_submodule(name)
         fan_in_fan_out = isinstance(dense, Conv1D)
         out_f, in_f = dense.weight.shape[::-1] if fan_in_fan_out else dense.weight.shape
