@@ -8,6 +8,7 @@ is used. The environment is read when called (huggingface_hub reads its constant
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -91,9 +92,20 @@ def hub_snapshot(model: str, *, cache_dir: str | os.PathLike | None = None,
     if not offline:
         logger.info("%s: fetching its config, safetensors and tokenizer from the Hugging Face Hub into %s "
                     "(cached files are not fetched again)", model, cache)
+    def fetch(patterns) -> str:
+        return snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
+                                 allow_patterns=list(patterns), ignore_patterns=list(NEVER))
+
     try:
-        folder = snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
-                                   allow_patterns=list(files), ignore_patterns=list(NEVER))
+        if offline or "*.safetensors" not in files:
+            folder = fetch(files)
+        else:  # the weights the index names (or model.safetensors), not every *.safetensors: some repos also
+            # ship the same weights in another layout (Mistral's consolidated.safetensors)
+            folder = fetch([f for f in files if f != "*.safetensors"])
+            weights = _indexed_weights(Path(folder))
+            folder = fetch(weights)
+            if not any((Path(folder) / w).is_file() for w in weights):  # a single file of another name
+                folder = fetch(["*.safetensors"])
     except _INCOMPLETE:
         raise FileNotFoundError(f"{model}: the cached snapshot in {cache} is incomplete; run once without "
                                 f"HF_HUB_OFFLINE to complete it") from None
@@ -110,6 +122,16 @@ def hub_snapshot(model: str, *, cache_dir: str | os.PathLike | None = None,
     except (HfHubHTTPError, OSError) as e:
         raise ValueError(f"{model}: cannot fetch it from the Hugging Face Hub ({one_line(e)})") from None
     return Path(folder)
+
+
+def _indexed_weights(folder: Path) -> list[str]:
+    """The safetensors files a snapshot's index lists, or ['model.safetensors'] without an index."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({f for f in weight_map.values() if isinstance(f, str) and "/" not in f})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ["model.safetensors"]
 
 
 def _not_cached(model: str, cache: Path, offline: bool, error: Exception) -> str:

@@ -4,6 +4,12 @@ The model is first built as a skeleton whose parameters live on the meta device 
 then the safetensors files are read one tensor at a time. A target linear weight is quantized
 the moment it arrives and only its packed form is kept, so peak host memory stays near the
 final quantized model plus the largest single tensor.
+
+Checkpoint keys are mapped onto the model with transformers' own conversions for the model type
+(`transformers.conversion_mapping`): renames, and tensors transformers merges, such as one tensor per
+expert fused into a 3-D expert stack. The pieces of one merged tensor are read together, merged by
+transformers' operations and quantized one expert at a time, so a per-expert checkpoint peaks near
+the quantized model plus about twice one layer's expert tensors (the pieces, then the fused stack).
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def test_pickled_only_snapshot_is_refused(offline_cache):
         qk.load_quantized("org/pickled")
 
 
-REPO_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-00001-of-00002.safetensors",
+REPO_FILES = ["config.json", "generation_config.json", "consolidated.safetensors", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors",
               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
               "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
@@ -163,10 +164,15 @@ REPO_FILES = ["config.json", "generation_config.json", "model.safetensors", "mod
                                                     ("org/name", hub.CONFIG_FILES, None)])
 def test_online_fetch_asks_for_the_needed_files_only(monkeypatch, tmp_path, model, files, revision):
     """What is checked is our request to huggingface_hub (its own pattern filter applied), not a download."""
-    seen = {}
+    seen, fetched = {}, set()
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
 
-    def fake_snapshot_download(repo_id, **kwargs):
+    def fake_snapshot_download(repo_id, **kwargs):  # "downloads" what the patterns select, as empty files
         seen.update(kwargs, repo_id=repo_id)
+        for name in filter_repo_objects(REPO_FILES, allow_patterns=kwargs["allow_patterns"],
+                                        ignore_patterns=kwargs["ignore_patterns"]):
+            fetched.add(name)
+            (tmp_path / name).write_text(json.dumps(index) if name.endswith("index.json") else "")
         return str(tmp_path)
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
@@ -175,11 +181,9 @@ def test_online_fetch_asks_for_the_needed_files_only(monkeypatch, tmp_path, mode
     assert hub.hub_snapshot(model, files=files) == tmp_path
     assert seen["repo_id"] == "org/name" and seen["revision"] == revision
     assert seen["local_files_only"] is False and Path(seen["cache_dir"]) == tmp_path / "cache"
-    fetched = set(filter_repo_objects(REPO_FILES, allow_patterns=seen["allow_patterns"],
-                                      ignore_patterns=seen["ignore_patterns"]))
-    expected = {"config.json"} if files == hub.CONFIG_FILES else {
-        "config.json", "generation_config.json", "model.safetensors", "model-00001-of-00002.safetensors",
-        "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    expected = {"config.json"} if files == hub.CONFIG_FILES else {  # the index's shards, not consolidated.*
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
         "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
     assert fetched == expected
     # and whatever the allow-list says, pickled files are refused by the ignore patterns alone
