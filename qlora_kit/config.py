@@ -102,11 +102,13 @@ class LoRAConfig:
     alpha: float = 32.0
     """Scale numerator: the update is multiplied by alpha / r (or alpha / sqrt(r) with rslora)."""
     dropout: float = 0.05
-    """Dropout applied to the LoRA branch's input during training."""
+    """Dropout applied to the LoRA branch's input during training (not on experts: PEFT's LoRA for
+    3-D expert weights has none)."""
     targets: str | list[str] = "all-linear"
-    """'all-linear' (every linear except the output head), a list of module names (a name
-    matches a module whose dotted path equals it or ends with '.' + name), or a regex that
-    must match a module's full dotted path."""
+    """'all-linear' (every linear except the output head and MoE routers, and every expert stack),
+    a list of module names (a name matches a module whose dotted path equals it or ends with '.' +
+    name; 'experts' names an experts module's stacks), or a regex that must match a module's full
+    dotted path."""
     init: str = "kaiming"
     """Initialisation of A: 'kaiming' (Kaiming-uniform, a=sqrt(5), as nn.Linear and PEFT)
     or 'gaussian' (normal with std 1/r). B always starts at zero."""
