@@ -214,3 +214,31 @@ def test_fsdp2_trains_an_moe_model_as_one_process_does(moe_run_model, text_file,
     assert a.keys() == b.keys() and any(".experts." in k for k in a)
     for k in a:
         assert rel_err(b[k], a[k]) < 1e-4, k
+
+
+GRADS_SCRIPT = """
+import json, os, sys, torch
+from torch import nn
+import qlora_kit.distributed as d
+ctx, _ = d.setup("cpu", 60)
+torch.manual_seed(ctx.rank)
+params = [nn.Parameter(torch.zeros(3)) for _ in range(3)]
+params[0].grad = torch.full((3,), float(ctx.rank + 1))      # every rank: averaged
+if ctx.rank == 0:
+    params[1].grad = torch.full((3,), 4.0)                   # routed on rank 0 only: zero on rank 1
+d.average_gradients(ctx, params)                             # params[2]: no rank has a gradient
+print(json.dumps([None if p.grad is None else p.grad.tolist() for p in params]))
+d.teardown(ctx)
+"""
+
+
+def test_gradients_missing_on_some_ranks_average_as_zeros(tmp_path):
+    """An expert routed on one rank only: its gradient is that rank's over the world size, as one process
+    over the whole batch gives it; one routed nowhere keeps no gradient on every rank."""
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_SCRIPT)
+    proc = run(torchrun() + ["--tee", "3", str(script)], timeout=120)
+    rows = [json.loads(line.split(":", 1)[1]) for line in proc.stdout.splitlines() if ":[" in line.replace(" ", "")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row == [[1.5, 1.5, 1.5], [2.0, 2.0, 2.0], None]
