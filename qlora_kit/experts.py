@@ -110,7 +110,9 @@ def expert_parameters(model: nn.Module) -> dict[str, tuple[bool, bool, int]]:
 
 
 def _uses_interface(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed")) and hasattr(module, "config")
+    """Built with transformers' `use_experts_implementation` (which sets these attributes; early 5.x releases
+    set only `has_bias` and `is_transposed`)."""
+    return all(hasattr(module, a) for a in ("has_bias", "is_transposed", "config"))
 
 
 def _parallel_experts(module: nn.Module) -> bool:
@@ -202,8 +204,9 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     hidden_states (T, H); top_k_index, top_k_weights (T, k). Follows the flags transformers' experts
     decorator sets on the module (gate, bias, post-expert norm) and its `_apply_gate`.
     """
-    up = self.gate_up_proj if self.has_gate else self.up_proj
-    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    gated = getattr(self, "has_gate", True)
+    up = self.gate_up_proj if gated else self.up_proj
+    up_bias = (self.gate_up_proj_bias if gated else self.up_proj_bias) if self.has_bias else None
     down = self.down_proj
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # sums in fp32
     k = top_k_index.shape[-1]
@@ -230,11 +233,17 @@ def _run_expert(self: nn.Module, e: int, hidden_states: Tensor, idx: Tensor, w: 
     h = up[e](hidden_states[idx])  # (n, out of the up projection)
     if up_bias is not None:
         h = h + up_bias[e]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    if not getattr(self, "has_gate", True):
+        h = self.act_fn(h)
+    elif hasattr(self, "_apply_gate"):  # the class's own gating (gpt-oss: interleaved, clamped)
+        h = self._apply_gate(h)
+    else:
+        gate, lin = h.chunk(2, dim=-1)
+        h = self.act_fn(gate) * lin
     y = down[e](h)  # (n, H)
     if self.has_bias:
         y = y + self.down_proj_bias[e]
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
 
