@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -258,6 +259,43 @@ def _plan_groups(model: nn.Module, keys: list[tuple[Path, str]], expected: dict,
     return list(groups.values())
 
 
+def _nbytes(handles: dict, file: Path, key: str) -> int:
+    s = handles[file].get_slice(key)
+    return math.prod(s.get_shape()) * _DTYPE_BYTES.get(s.get_dtype(), 4)
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+class _FreedMemory:
+    """Hands memory the loader freed back to the system every `every` bytes read.
+
+    Each dense tensor read and freed is a heap block glibc keeps for reuse; with blocks of many sizes,
+    the heap grows far past what is alive (a 1.5 GB bf16 checkpoint left 1.35 GiB of RSS for a 0.57 GiB
+    quantized model). malloc_trim returns the free pages; elsewhere (no glibc) this does nothing.
+    """
+
+    def __init__(self, every: int = 64 * 2**20):
+        self.every, self.pending = every, 0
+        self.trim = _malloc_trim()
+
+    def after(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.trim is not None and self.pending >= self.every:
+            self.trim(0)
+            self.pending = 0
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
     try:
         return handles[file].get_tensor(key)
@@ -310,7 +348,9 @@ class _StreamingFill:
                 except Exception as e:
                     raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
             keys = [(file, key) for file, h in handles.items() for key in h.keys()]
+            released = _FreedMemory()
             for group in _plan_groups(self.model, keys, self.expected, self.ignored):
+                released.after(sum(_nbytes(handles, f, k) for f, k in group.sources))
                 if group.converter is None:
                     (file, key), = group.sources
                     self.place(file, key, group.target, _read(handles, file, key))
