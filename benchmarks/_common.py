@@ -1,15 +1,44 @@
-"""Shared by the benchmark scripts: a one-line description of the machine, and the model folder both sides load."""
+"""Shared by the benchmark scripts: a one-line description of the machine, the model folder both sides load,
+and running one side in its own fresh process."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 SHARD_BYTES = 2 * 2**30
+
+
+def run_worker(script: str, job: dict, tmp: Path) -> dict:
+    """Run `script --worker JOB` in a fresh process (one side of a comparison) and return the JSON it writes."""
+    path = tmp / f"{job['side']}.json"
+    path.unlink(missing_ok=True)
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps({**job, "out": str(path)})],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not path.is_file():
+        sys.exit(f"the {job['side']} worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    return json.loads(path.read_text())
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM, what ru_maxrss reports) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
 def machine(device: torch.device) -> str:

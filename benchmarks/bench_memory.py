@@ -37,16 +37,14 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import machine, model_folder
+from _common import machine, mib, model_folder, run_worker
 
 SIDES = ("qlora-kit", "peft")
 
@@ -158,22 +156,7 @@ def worker(job: dict) -> dict:
     return out
 
 
-def run_worker(job: dict, tmp: Path) -> dict:
-    path = tmp / f"{job['side']}.json"
-    path.unlink(missing_ok=True)
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps({**job, "out": str(path)})],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not path.is_file():
-        sys.exit(f"the {job['side']} worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return json.loads(path.read_text())
-
-
 # ---- parent ------------------------------------------------------------------------------------------
-
-def mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
-
 
 def main() -> None:
     args = parse_args()
@@ -209,7 +192,7 @@ def main() -> None:
             for side in SIDES:
                 job = {"side": side, "cfg": dataclasses.asdict(cfg), "folder": str(folder), "device": args.device,
                        "dtype": args.dtype, "steps": args.steps, "seed": args.seed}
-                row[side] = run_worker(job, Path(tmp))
+                row[side] = run_worker(__file__, job, Path(tmp))
             row["ratio"] = row["qlora-kit"]["total"] / row["peft"]["total"]
             results.append(row)
             label = ", ".join(f"{k}={v}" for k, v in point.items())

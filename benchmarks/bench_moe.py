@@ -68,14 +68,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import machine, mib, reset_peak_rss, run_worker
 
 SIDES = ("qlora-kit", "peft")
 TARGETS = ("gate_up_proj", "down_proj")  # the experts module's 3-D parameters, in its parameter order
@@ -132,16 +130,6 @@ def cpu_flags() -> str:
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM, what ru_maxrss reports) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_rss() -> int:
@@ -421,23 +409,8 @@ def compare(job: dict, saved: dict, peft_result: dict) -> dict:
 
 # ---- parent ------------------------------------------------------------------------------------------------
 
-def run_worker(job: dict, tmp: Path) -> dict:
-    path = tmp / f"{job['side']}.json"
-    path.unlink(missing_ok=True)
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps({**job, "out": str(path)})],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not path.is_file():
-        sys.exit(f"the {job['side']} worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return json.loads(path.read_text())
-
-
 def spread(times: list[float]) -> str:
     return f"{min(times):.3f}..{max(times):.3f}"
-
-
-def mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
 def main() -> None:
@@ -460,7 +433,7 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_moe-") as tmp:
         for side in SIDES:
-            results[side] = run_worker({**job, "side": side}, Path(tmp))
+            results[side] = run_worker(__file__, {**job, "side": side}, Path(tmp))
             r = results[side]
             print(f"{side}: {r['threads']} torch threads, built in {r['build_s']:.1f} s, "
                   f"forward {r['forward_s']:.3f} s "
@@ -469,8 +442,8 @@ def main() -> None:
         if args.check:
             check_job = {**job, "experts": args.check_experts, "dtype": "fp32",
                          "check_file": str(Path(tmp) / "check.safetensors")}
-            run_worker({**check_job, "side": "qlora-kit"}, Path(tmp))
-            results["check"] = run_worker({**check_job, "side": "peft"}, Path(tmp))["check"]
+            run_worker(__file__, {**check_job, "side": "qlora-kit"}, Path(tmp))
+            results["check"] = run_worker(__file__, {**check_job, "side": "peft"}, Path(tmp))["check"]
 
     ours, peft = results["qlora-kit"], results["peft"]
     rows = [("stored expert bytes", ours["stored"], peft["stored"], lambda n: f"{n:,}"),

@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, model_folder
+from _common import machine, model_folder, reset_peak_rss
 
 from qlora_kit.config import parse_dtype
 
@@ -143,12 +143,7 @@ def reset_peak(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:  # Linux: "5" resets the peak resident set size (VmHWM, what ru_maxrss reports)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return reset_peak_rss()
 
 
 def load_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):

@@ -65,10 +65,15 @@ def linear_names(model: nn.Module, device: str | torch.device | None = None) -> 
     """
     head = output_head(model)
     routers = router_linears(model)
-    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, ExpertStack) for c, _ in m.named_children()}
+    inside = _stack_members(expert_stacks(model))
     read_directly = _read_directly(model, device)
     return [name for name, m in model.named_modules() if is_linear(m) and m is not head
             and name not in routers and name not in inside and name not in read_directly]
+
+
+def _stack_members(stacks: dict[str, ExpertStack]) -> set[str]:
+    """The dotted paths of the experts inside each stack (a stack is one target, not E of them)."""
+    return {f"{n}.{i}" for n, stack in stacks.items() for i in range(len(stack))}
 
 
 def _read_directly(model: nn.Module, device: str | torch.device | None = None) -> set[str]:
@@ -108,7 +113,7 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """
     candidates = target_candidates(model)
     stacks = expert_stacks(model)
-    inside = {f"{n}.{c}" for n, m in stacks.items() for c, _ in m.named_children()}
+    inside = _stack_members(stacks)
     kept_dense = router_linears(model) | _read_directly(model)  # routers, and weights a parent uses itself
     if targets == "all-linear":
         chosen = candidates

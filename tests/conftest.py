@@ -59,15 +59,29 @@ def make_model(arch: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def saved_models(tmp_path_factory, names, build) -> dict:
+    """{name: folder} of `build(name)` saved with save_pretrained."""
+    out = {}
+    for name in names:
+        out[name] = tmp_path_factory.mktemp(name)
+        build(name).save_pretrained(out[name])
+    return out
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """{arch: folder} of saved tiny random models (float32 safetensors)."""
-    out = {}
-    for arch in ARCHS:
-        path = tmp_path_factory.mktemp(arch)
-        make_model(arch).save_pretrained(path)
-        out[arch] = path
-    return out
+    return saved_models(tmp_path_factory, ARCHS, make_model)
+
+
+def randomize_b(model, seed=0, std=0.1):
+    """Nonzero B factors on every LoRA layer, so that the adapter changes the outputs."""
+    import qlora_kit as qk
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in qk.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
 
 
 def bnb_exact(model):

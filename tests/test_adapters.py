@@ -10,14 +10,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qlora_kit as qk
 
-from .conftest import ARCHS, bnb_exact, make_model, rel_err, token_batch
-
-
-def randomize_b(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in qk.lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+from .conftest import ARCHS, bnb_exact, make_model, randomize_b, rel_err, token_batch
 
 
 def ours(folder, quant="none", **lora):

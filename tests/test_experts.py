@@ -18,7 +18,7 @@ from qlora_kit.experts import ExpertStack, expert_stacks
 from qlora_kit.formats import quantize
 from qlora_kit.layers import QuantLinear
 
-from .conftest import rel_err, token_batch
+from .conftest import randomize_b, rel_err, saved_models, token_batch
 from .families import build_small
 from .reference import decode_4bit
 
@@ -27,12 +27,7 @@ MOE = ["qwen3_moe", "mixtral", "gpt_oss", "jetmoe"]
 
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory):
-    out = {}
-    for family in MOE:
-        path = tmp_path_factory.mktemp(family)
-        build_small(family).save_pretrained(path)
-        out[family] = path
-    return out
+    return saved_models(tmp_path_factory, MOE, build_small)
 
 
 def tokens(t: int = 10):
@@ -120,10 +115,7 @@ def test_only_routed_experts_run_and_backward_keeps_no_dense_weight(moe_dirs):
 def test_adapter_saved_here_loads_in_peft_with_same_logits(moe_dirs, tmp_path, family):
     model = qk.load_quantized(moe_dirs[family], quant="nf4")
     qk.add_lora(model, r=2, alpha=6, dropout=0.0)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for layer in qk.lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.3)
+    randomize_b(model, seed=5, std=0.3)
     qk.save_adapter(model, tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["target_parameters"] and cfg["lora_dropout"] == 0.0
@@ -244,10 +236,7 @@ def test_merge_of_an_moe_adapter_loads_in_plain_transformers(moe_run_model, text
 
     model = qk.load_quantized(moe_run_model)
     qk.add_lora(model, r=4, alpha=8, dropout=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in qk.lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05)
+    randomize_b(model, seed=1, std=0.05)
     qk.save_adapter(model, tmp_path / "ad")
     report = merge(MergeConfig(model=str(moe_run_model), adapter=str(tmp_path / "ad"), out=str(tmp_path / "out"),
                                format=fmt, eval_data=str(text_file), seq_len=32, eval_sequences=4,

@@ -93,25 +93,24 @@ def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
     except Exception as e:
         raise ValueError(f"{where}: transformers cannot build the model ({one_line(e)})") from None
     model.qlora_device = device  # the target's rules for which linears stay dense (patch.linear_names)
+
+    def packed_linear(what: str, out_f: int, in_f: int, bias, fan_in_fan_out: bool) -> QuantLinear:
+        if qcfg.quant in FOUR_BIT and (out_f * in_f) % qcfg.blocksize:
+            raise ValueError(f"{where}: {what} of shape {(out_f, in_f)} ({out_f * in_f} values) does not "
+                             f"divide into blocks of {qcfg.blocksize}; loading it would fail too")
+        packed = {key: torch.empty(shape, dtype=dtype, device="meta")
+                  for key, (shape, dtype) in packed_layout(out_f, in_f, qcfg).items()}
+        return QuantLinear(in_f, out_f, packed, qcfg, bias, fan_in_fan_out)
+
     for name in linear_names(model, device):
         dense = model.get_submodule(name)
         fan_in_fan_out = isinstance(dense, Conv1D)
         out_f, in_f = dense.weight.shape[::-1] if fan_in_fan_out else dense.weight.shape
-        if qcfg.quant in FOUR_BIT and (out_f * in_f) % qcfg.blocksize:
-            raise ValueError(f"{where}: weight {name} of shape {(out_f, in_f)} ({out_f * in_f} values) does not "
-                             f"divide into blocks of {qcfg.blocksize}; loading it would fail too")
-        packed = {key: torch.empty(shape, dtype=dtype, device="meta")
-                  for key, (shape, dtype) in packed_layout(out_f, in_f, qcfg).items()}
-        set_submodule(model, name, QuantLinear(in_f, out_f, packed, qcfg, dense.bias, fan_in_fan_out))
+        set_submodule(model, name, packed_linear(f"weight {name}", out_f, in_f, dense.bias, fan_in_fan_out))
     for path, (transposed, whole, order) in expert_parameters(model).items():  # each expert packed on its own
         n_exp, d1, d2 = model.get_parameter(path).shape
         out_f, in_f = (d2, d1) if transposed else (d1, d2)
-        if qcfg.quant in FOUR_BIT and (out_f * in_f) % qcfg.blocksize:
-            raise ValueError(f"{where}: experts {path} of shape {(out_f, in_f)} do not divide into blocks of "
-                             f"{qcfg.blocksize}; loading them would fail too")
-        experts = [QuantLinear(in_f, out_f, {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype)
-                                             in packed_layout(out_f, in_f, qcfg).items()}, qcfg, None, transposed)
-                   for _ in range(n_exp)]
+        experts = [packed_linear(f"each expert of {path}", out_f, in_f, None, transposed) for _ in range(n_exp)]
         place_stack(model, path, ExpertStack(experts, transposed, path.rpartition(".")[2], whole, order))
     add_lora(model, config=cfg.lora_config())
     model.qlora_quant_config = qcfg
