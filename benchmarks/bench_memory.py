@@ -112,9 +112,12 @@ def worker(job: dict) -> dict:
     from qlora_kit.config import TrainConfig, parse_dtype
     from qlora_kit.patch import enable_checkpointing
 
+    from qlora_kit.memory.observed import ObservedPeak
+
     cfg = TrainConfig(**job["cfg"])
     device, dtype = job["device"], parse_dtype(job["dtype"])
     torch.manual_seed(job["seed"])
+    observed = ObservedPeak(device).start()
     if job["side"] == "qlora-kit":
         import qlora_kit
 
@@ -145,15 +148,12 @@ def worker(job: dict) -> dict:
     tracker = memory.LiveTensors()
     if job["side"] != "qlora-kit":
         _peft_quant_states(model, tracker)
-    memory.run_steps(model, cfg, tracker, device, steps=job["steps"], warmup=True,
-                     on_warm=torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else None, **kw)
-    out = {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,
-           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        out["allocator_peak"] = torch.cuda.max_memory_allocated()
-    out["total"] = out.get("allocator_peak", tracker.peak)
-    return out
+    memory.run_steps(model, cfg, tracker, device, steps=job["steps"], warmup=True, on_warm=observed.reset_peak, **kw)
+    observed.stop()
+    return {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,
+            "allocator_peak": observed.allocated_peak, "reserved_peak": observed.reserved_peak,
+            "rss_start": observed.rss_start, "rss_peak": observed.rss_peak,
+            "rss_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "total": observed.allocated_peak}
 
 
 # ---- parent ------------------------------------------------------------------------------------------

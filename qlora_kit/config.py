@@ -199,6 +199,9 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
+    release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
+                                      "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
+                                      "is allocated, at some cost in step time")
     packing: bool = _opt(True, "pack examples into full sequences (else pad each one)")
     eval_fraction: float = _opt(0.02, "share of --data held out for evaluation")
     eval_sequences: int = _opt(32, "held-out sequences used for perplexity (0: all)")

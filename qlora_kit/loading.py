@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from . import defaults, hub
+from . import allocator, defaults, hub
 from .config import QuantConfig, one_line, resolve_compute_dtype
 from .experts import ExpertStack, expert_parameters, place_stack
 from .layers import QuantLinear
@@ -263,12 +263,11 @@ class _FreedMemory:
 
     Each dense tensor read and freed is a heap block glibc keeps for reuse; with blocks of many sizes,
     the heap grows far past what is alive (a 1.5 GB bf16 checkpoint left 1.35 GiB of RSS for a 0.57 GiB
-    quantized model). malloc_trim returns the free pages; elsewhere (no glibc) this does nothing.
+    quantized model). allocator.trim returns the free pages; elsewhere (no glibc) this does nothing.
     """
 
     def __init__(self, every: int = 64 * 2**20):
         self.every, self.pending = every, 0
-        self.trim = _malloc_trim()
 
     def read(self, handles: dict, file: Path, key: str) -> torch.Tensor:
         tensor = _read(handles, file, key)
@@ -277,19 +276,9 @@ class _FreedMemory:
 
     def step(self) -> None:
         """Between groups, when the last group's tensors are placed or freed."""
-        if self.trim is not None and self.pending >= self.every:
-            self.trim(0)
+        if self.pending >= self.every:
+            allocator.trim()
             self.pending = 0
-
-
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _read(handles: dict, file: Path, key: str) -> torch.Tensor:

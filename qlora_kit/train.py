@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import defaults
+from . import allocator, defaults
 from . import distributed as dist
 from .adapters import write_adapter_files
 from .checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
@@ -142,6 +142,8 @@ class _Run:
             enable_checkpointing(model)
         if cfg.fsdp:
             model = dist.shard_model(model, ctx, device)
+        if cfg.release_memory and allocator.release_between_layers(model).handles:  # CPU only; live with the model
+            allocator.trim()  # what loading freed
         if ctx.rank > 0:  # the same LoRA init everywhere, then each rank its own dropout masks
             torch.manual_seed(cfg.seed + 7919 * ctx.rank)
         self.model = model

@@ -17,11 +17,13 @@ from .counting import LiveTensors, fmt_bytes
 from .emulation import TargetKernels, no_data_dependent_masks
 from .formulas import CUBLAS_WORKSPACE, optimizer_state_bytes
 from .models import meta_model, random_model, read_model_config
+from .observed import ObservedPeak
 from .run import run_steps, saved_at_head
 
 # The training settings that change memory (the `qlora-kit memory` flags shared with `train`).
 MEMORY_FIELDS = ("quant", "double_quant", "blocksize", "compute_dtype", "rank", "dropout", "targets", "seq_len",
-                 "batch_size", "grad_accum", "optimizer", "gradient_checkpointing", "fsdp", "cache_dir")
+                 "batch_size", "grad_accum", "optimizer", "gradient_checkpointing", "release_memory", "fsdp",
+                 "cache_dir")
 
 @dataclasses.dataclass
 class MemoryReport:
@@ -34,7 +36,10 @@ class MemoryReport:
     peak: int
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # whole sizes (grads, optimizer, saved acts)
     method: str = "estimate"
-    allocator_peak: int | None = None  # CUDA measurement: torch.cuda.max_memory_allocated
+    allocator_peak: int | None = None  # measured: the allocator's own peak (observed.ObservedPeak)
+    reserved_peak: int | None = None  # measured on CUDA: torch.cuda.max_memory_reserved
+    rss_start: int | None = None  # measured: the process's resident set before the model was built ...
+    rss_peak: int | None = None  # ... and its peak over the measured steps
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -183,7 +188,8 @@ def _fsdp_weights(model: nn.Module, ranks: int) -> tuple[bool, int]:
 
 def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None, seed: int = 0) -> MemoryReport:
     """Run one warm-up step and `steps` measured training steps (random weights and tokens); report the
-    measured steps' peak, counted per category (and on CUDA the allocator's peak over them)."""
+    measured steps' peak, counted per category by LiveTensors, beside what the machine saw (observed.py):
+    the allocator's peak (the report's total) and the process's peak RSS."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--measure-steps {steps!r} must be an integer >= 1 (steps measured after one warm-up step)")
     device = resolve_device(device)
@@ -193,30 +199,41 @@ def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None,
     is_cuda = device.startswith("cuda")
     tracker = LiveTensors()
     saved = {}
+    observed = ObservedPeak(device).start()
     try:
         model = random_model(config, cfg, device, seed)
         head_hook = saved_at_head(model, tracker, saved)
-        if is_cuda:
-            torch.cuda.synchronize()
         try:
-            run_steps(model, cfg, tracker, device, steps=steps, warmup=True,
-                      on_warm=torch.cuda.reset_peak_memory_stats if is_cuda else None)
+            run_steps(model, cfg, tracker, device, steps=steps, warmup=True, on_warm=observed.reset_peak)
         finally:
             head_hook.remove()
+        observed.stop()
     except (RuntimeError, IndexError, TypeError) as e:
+        observed.abort()
         raise ValueError(f"{getattr(config, 'qlora_config_path', 'config')}: measuring failed ({one_line(e)})") from None
+    except BaseException:
+        observed.abort()
+        raise
     report = MemoryReport(device="cuda" if is_cuda else "cpu",
                           settings=_settings(cfg, device, model.qlora_quant_config),
                           model=_model_info(config, model), components=dict(tracker.at_peak), peak=tracker.peak,
-                          sizes=_sizes(model, cfg, saved.get("activations", 0)), method="measured")
+                          sizes=_sizes(model, cfg, saved.get("activations", 0)), method="measured",
+                          allocator_peak=observed.allocated_peak, reserved_peak=observed.reserved_peak,
+                          rss_start=observed.rss_start, rss_peak=observed.rss_peak)
     if is_cuda:
-        torch.cuda.synchronize()
-        report.allocator_peak = torch.cuda.max_memory_allocated()
-        report.notes.append("total = torch.cuda.max_memory_allocated; the categories count live tensors, the rest "
-                            "is workspace and allocator rounding")
+        report.notes.append("total = torch.cuda.max_memory_allocated over the measured steps; the categories count "
+                            "live tensors, 'other (allocator)' is workspace and rounding; the CUDA allocator "
+                            "reserved up to the 'reserved' figure")
     else:
-        report.notes.append("total = peak of live tensor bytes (not process RSS: interpreter, libraries and "
-                            "allocator caches are not training memory)")
+        report.notes.append("total = the peak of torch's CPU allocator over the measured steps (profiler memory "
+                            "events); the categories count live tensors, 'other (allocator)' is buffers allocated "
+                            "inside operators (attention, matmul packing) that no tensor count sees")
+        if report.rss_peak:
+            report.notes.append(
+                f"process peak RSS {fmt_bytes(report.rss_peak)}: {fmt_bytes(report.rss_start)} of interpreter and "
+                "libraries before the model was built; the rest is the allocator's peak plus freed memory malloc "
+                + ("kept between layers (handed back at each layer: --release-memory)" if cfg.release_memory
+                   else "kept (--no-release-memory; --release-memory hands it back at each layer)"))
     return report
 
 

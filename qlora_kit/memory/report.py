@@ -48,6 +48,13 @@ def format_report(est: MemoryReport, meas: MemoryReport | None = None) -> str:
         lines.append(f"  {'other (allocator)':24}{'':>12}{fmt_bytes(meas.allocator_peak - meas.peak):>12}")
     lines.append(f"  {'peak':24}{fmt_bytes(est.total):>12}" + (f"{fmt_bytes(meas.total):>12}{_pct(est.total, meas.total):>8}"
                                                          if meas else ""))
+    if meas and meas.allocator_peak is not None:
+        lines.append(f"  {'  live tensors at peak':24}{'':>12}{fmt_bytes(meas.peak):>12}")
+    if meas and meas.reserved_peak is not None:
+        lines.append(f"  {'  reserved (CUDA)':24}{'':>12}{fmt_bytes(meas.reserved_peak):>12}")
+    if meas and meas.rss_peak:
+        lines.append(f"  {'  process peak RSS':24}{'':>12}{fmt_bytes(meas.rss_peak):>12}"
+                     f"   {fmt_bytes(meas.rss_start)} before the model was built")
     lines.append("")
     for k, v in est.sizes.items():
         lines.append(f"  {k}: {fmt_bytes(v)}")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from .. import allocator
 from ..config import TrainConfig
 from ..formats import make_optimizer
 from ..layers import QuantLinear
@@ -46,6 +47,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
               on_warm: Callable | None = None, loss_fn: LossFn | None = None) -> None:
     """`steps` optimizer steps of `cfg.grad_accum` micro-batches each, as train() takes them, counted.
 
+    On the CPU, cfg.release_memory trims malloc's heaps between decoder layers, as train() does.
     The trainable parameters are the model's parameters that require grad; each micro-batch is one
     `step.train_step` (its loss: `loss_fn`, default causal_lm_loss, what train() uses).
     warmup: take one step more first and restart the peak after it, so that the peak is a steady-state
@@ -60,6 +62,11 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
         enable_checkpointing(model, **extra)
     model.train()
     decoder = decoder_of(model) or model
+    released = None
+    if cfg.release_memory and not meta:
+        released = allocator.release_between_layers(model)
+        if released.handles:
+            allocator.trim()  # what building the model freed, as train() does before its first step
     hooks = [decoder.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
              decoder.register_forward_hook(lambda *_: setattr(tracker, "phase", "logits & loss"))]
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "LoRA gradients")) for p in params]
@@ -101,3 +108,5 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     finally:
         for h in hooks:
             h.remove()
+        if released is not None:
+            released.remove()
