@@ -15,11 +15,12 @@ import torch
 SHARD_BYTES = 2 * 2**30
 
 
-def run_worker(script: str, job: dict, tmp: Path) -> dict:
-    """Run `script --worker JOB` in a fresh process (one side of a comparison) and return the JSON it writes."""
+def run_worker(script: str, job: dict, tmp: Path, env: dict | None = None) -> dict:
+    """Run `script --worker JOB` in a fresh process (one side of a comparison) and return the JSON it writes;
+    `env`: variables added to its environment."""
     path = tmp / f"{job['side']}.json"
     path.unlink(missing_ok=True)
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps({**job, "out": str(path)})],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not path.is_file():

@@ -20,13 +20,25 @@ transformers checkpointing, bf16 autocast on CUDA. Each side trains as it would 
              peft.get_peft_model(LoraConfig(target_modules="all-linear", ...)); loss: model(**batch).loss
 
 Each side runs in its own fresh process (qlora-kit first, then PEFT, at each point), takes one warm-up
-optimizer step (it creates the optimizer state) and --steps measured ones. Memory is counted the same way
-on both sides:
+optimizer step (it creates the optimizer state) and --steps measured ones. Memory is measured the same way
+on both sides, three ways (qlora_kit.memory.observed for the first and last, which share no code with
+the count in the middle):
 
-  * CUDA: torch.cuda.max_memory_allocated over the measured steps (weights included), the figure to compare;
-  * CPU: the peak of live tensor bytes (qlora_kit.memory.LiveTensors: every tensor an operator returns,
-    until its storage is freed), split into weights / LoRA / optimizer / activations / logits & loss /
-    backward temporaries the same way for both sides; the process's peak RSS is printed alongside.
+  * allocator peak, the figure compared (ground truth): on CUDA torch.cuda.max_memory_allocated (and
+    max_memory_reserved); on CPU the peak of bytes torch's CPU allocator had handed out, from the profiler's
+    memory events (recording starts before the model is loaded, so weights are in it; it also sees buffers
+    allocated inside operators);
+  * live tensors: the peak of qlora_kit.memory.LiveTensors (every tensor an operator returns, until its
+    storage is freed), split into weights / LoRA / optimizer / activations / logits & loss / backward
+    temporaries the same way for both sides; allocator minus live = buffers inside operators;
+  * process peak RSS over the measured steps (VmHWM reset after the warm-up step), and the RSS before the
+    model was loaded (interpreter and libraries).
+
+--malloc sets glibc's allocator for both sides: "default" (as installed) and "pinned"
+(MALLOC_MMAP_THRESHOLD_=65536: every block of 64 KiB or more is its own mapping, so freed memory goes
+straight back to the system). The qlora-kit side trains as `qlora-kit train` does, which on the CPU hands
+freed memory back at every decoder layer (--release-memory, qlora_kit.allocator); pass --no-release-memory
+to measure it without.
 
 The estimate column is `qlora-kit memory` for the same settings (from config.json alone).
 """
@@ -47,6 +59,7 @@ import torch
 from _common import machine, mib, model_folder, run_worker
 
 SIDES = ("qlora-kit", "peft")
+MALLOC = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="as `qlora-kit memory --sweep` (default: seq-len=128,512 and gradient-checkpointing=false,true)")
+    p.add_argument("--malloc", default="default,pinned",
+                   help="glibc allocator settings to measure, comma-separated: default, pinned (default: both)")
+    p.add_argument("--no-release-memory", action="store_true",
+                   help="qlora-kit side: keep freed memory in malloc's heaps (train --no-release-memory)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps measured per worker, after one warm-up step")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if not args.sweep:
         args.sweep = ["seq-len=128,512", "gradient-checkpointing=false,true"]
+    args.malloc = [m.strip() for m in args.malloc.split(",") if m.strip()]
+    if not args.malloc or set(args.malloc) - set(MALLOC):
+        p.error(f"--malloc {','.join(args.malloc)!r}: choose from {', '.join(MALLOC)}")
     return args
 
 
@@ -110,9 +130,8 @@ def _peft_quant_states(model, tracker) -> None:
 def worker(job: dict) -> dict:
     from qlora_kit import memory
     from qlora_kit.config import TrainConfig, parse_dtype
-    from qlora_kit.patch import enable_checkpointing
-
     from qlora_kit.memory.observed import ObservedPeak
+    from qlora_kit.patch import enable_checkpointing
 
     cfg = TrainConfig(**job["cfg"])
     device, dtype = job["device"], parse_dtype(job["dtype"])
@@ -141,6 +160,7 @@ def worker(job: dict) -> dict:
         model.enable_input_require_grads()  # as qlora-kit's add_lora does
         model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+        cfg = dataclasses.replace(cfg, release_memory=False)  # PEFT's stack has no such thing
         if cfg.gradient_checkpointing:
             enable_checkpointing(model.get_base_model())
             cfg = dataclasses.replace(cfg, gradient_checkpointing=False)  # done here, on the wrapped model
@@ -174,7 +194,8 @@ def main() -> None:
     print(", ".join(f"{k} {v}" for k, v in vers.items()))
     base = TrainConfig(model=args.model, quant=args.quant, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                        seq_len=args.seq_len, batch_size=args.batch_size, optimizer=args.optimizer,
-                       gradient_checkpointing=args.gradient_checkpointing, compute_dtype=args.dtype)
+                       gradient_checkpointing=args.gradient_checkpointing, compute_dtype=args.dtype,
+                       release_memory=not args.no_release_memory)
     axes = memory.parse_sweep(args.sweep)
     if "none" in axes.get("quant", []):
         sys.exit("--sweep quant: 'none' has no PEFT + bitsandbytes counterpart; use nf4, fp4 or int8")
@@ -182,45 +203,58 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
         folder, source = model_folder(args.model, parse_dtype(args.dtype), Path(tmp))
         print(f"model {args.model} ({source}: {folder}); {args.quant}, {args.dtype} compute on {device}, LoRA "
-              f"all-linear r={args.rank} dropout {args.dropout}, {args.optimizer}, {args.steps} steps per worker")
+              f"all-linear r={args.rank} dropout {args.dropout}, {args.optimizer}, {args.steps} steps per worker; "
+              f"qlora-kit release-memory {'off' if args.no_release_memory else 'on'}")
         print()
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values, strict=True))
             cfg = dataclasses.replace(base, **point)
             est = memory.estimate(dataclasses.replace(cfg, model=str(folder)), args.device, compare=False)
-            row = {"point": point, "estimate": est.total, "estimate_components": est.components}
-            for side in SIDES:
-                job = {"side": side, "cfg": dataclasses.asdict(cfg), "folder": str(folder), "device": args.device,
-                       "dtype": args.dtype, "steps": args.steps, "seed": args.seed}
-                row[side] = run_worker(__file__, job, Path(tmp))
-            row["ratio"] = row["qlora-kit"]["total"] / row["peft"]["total"]
-            results.append(row)
-            label = ", ".join(f"{k}={v}" for k, v in point.items())
-            print(f"{label}: qlora-kit {mib(row['qlora-kit']['total'])} MiB, PEFT {mib(row['peft']['total'])} MiB "
-                  f"({row['ratio']:.2f}x), estimate {mib(est.total)} MiB "
-                  f"({100 * (est.total / row['qlora-kit']['total'] - 1):+.1f}% of qlora-kit's measured)", flush=True)
+            for malloc in args.malloc if device.type == "cpu" else ["default"]:
+                row = {"point": point, "malloc": malloc, "estimate": est.total, "estimate_components": est.components}
+                for side in SIDES:
+                    job = {"side": side, "cfg": dataclasses.asdict(cfg), "folder": str(folder),
+                           "device": args.device, "dtype": args.dtype, "steps": args.steps, "seed": args.seed}
+                    row[side] = run_worker(__file__, job, Path(tmp), env=MALLOC[malloc])
+                row["ratio"] = row["qlora-kit"]["total"] / row["peft"]["total"]
+                row["rss_ratio"] = row["qlora-kit"]["rss_peak"] / row["peft"]["rss_peak"] \
+                    if row["peft"]["rss_peak"] else None
+                results.append(row)
+                label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", malloc {malloc}"
+                q, pe = row["qlora-kit"], row["peft"]
+                print(f"{label}: allocator peak qlora-kit {mib(q['total'])} MiB, PEFT {mib(pe['total'])} MiB "
+                      f"({row['ratio']:.2f}x); process peak RSS {mib(q['rss_peak'])} vs {mib(pe['rss_peak'])} MiB"
+                      + (f" ({row['rss_ratio']:.2f}x)" if row["rss_ratio"] else "")
+                      + f"; estimate {mib(est.total)} MiB ({100 * (est.total / q['total'] - 1):+.1f}% of qlora-kit's "
+                      "allocator peak)", flush=True)
 
-    what = "peak allocated (torch.cuda.max_memory_allocated)" if device.type == "cuda" else "peak live tensors"
-    print(f"\nMiB, {what}; process peak RSS in brackets" if device.type == "cpu" else f"\nMiB, {what}")
+    what = "peak allocated (torch.cuda.max_memory_allocated)" if device.type == "cuda" else \
+        "allocator peak (torch's CPU allocator, profiler memory events)"
+    print(f"\nMiB. total: {what}; live: peak of live tensors (LiveTensors), split into the categories at its peak; "
+          "RSS: process peak RSS over the measured steps [RSS before loading]")
     cats = [c for c in memory.CATEGORIES if any(r[s]["components"].get(c) for r in results for s in SIDES)]
-    header = ["point", "side", "total", *cats] + (["RSS"] if device.type == "cpu" else [])
+    header = ["point", "malloc", "side", "total", "live", "RSS", *cats]
     lines = [header]
     for r in results:
         label = ",".join(f"{k}={v}" for k, v in r["point"].items())
         for side in SIDES:
             s = r[side]
-            lines.append([label, side, mib(s["total"]), *(mib(s["components"].get(c, 0)) for c in cats)]
-                         + ([f"[{mib(s['rss_peak'])}]"] if device.type == "cpu" else []))
-        lines.append([label, "estimate", mib(r["estimate"]), *(mib(r["estimate_components"].get(c, 0)) for c in cats)]
-                     + ([""] if device.type == "cpu" else []))
+            lines.append([label, r["malloc"], side, mib(s["total"]), mib(s["live_peak"]),
+                          f"{mib(s['rss_peak'])} [{mib(s['rss_start'])}]",
+                          *(mib(s["components"].get(c, 0)) for c in cats)])
+        lines.append([label, "", "estimate", mib(r["estimate"]), "", "",
+                      *(mib(r["estimate_components"].get(c, 0)) for c in cats)])
     widths = [max(len(str(x[i])) for x in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
-        print("  ".join(str(c).ljust(w) if j < 2 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths,
+        print("  ".join(str(c).ljust(w) if j < 3 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths,
                                                                                                        strict=True))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     ratios = [r["ratio"] for r in results]
-    print(f"\nqlora-kit / PEFT peak: {min(ratios):.2f}x .. {max(ratios):.2f}x (below 1: qlora-kit smaller)")
+    print(f"\nqlora-kit / PEFT allocator peak: {min(ratios):.2f}x .. {max(ratios):.2f}x (below 1: qlora-kit smaller)")
+    rss = [r["rss_ratio"] for r in results if r["rss_ratio"]]
+    if rss:
+        print(f"qlora-kit / PEFT process peak RSS: {min(rss):.2f}x .. {max(rss):.2f}x")
     if args.json:
         meta = dict(machine=host, versions=vers, args={k: v for k, v in vars(args).items() if k != "worker"})
         from qlora_kit.io import atomic_write_bytes

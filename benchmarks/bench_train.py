@@ -27,7 +27,9 @@ fused in chunks), PEFT's model(**batch).loss (transformers' logits + cross-entro
 
 peft.prepare_model_for_kbit_training is NOT called by default: it upcasts every non-quantized weight
 (embeddings, norms, the output head) to fp32, which on a GPU makes the PEFT side do different (slower,
-bigger) arithmetic than qlora-kit; pass --prepare-kbit to call it anyway. Both sides get
+bigger) arithmetic than qlora-kit; pass --prepare-kbit to call it anyway. On the CPU the qlora-kit side
+hands freed memory back to the system at every decoder layer, as `qlora-kit train` does (--release-memory,
+qlora_kit.allocator); --no-release-memory turns that off. Both sides get
 model.enable_input_require_grads() (qlora-kit's add_lora always calls it), and with
 --gradient-checkpointing both use transformers' non-reentrant checkpointing.
 
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (no weight decay)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, on both sides")
+    p.add_argument("--no-release-memory", action="store_true",
+                   help="qlora-kit side: keep freed memory in malloc's heaps (train --no-release-memory)")
     p.add_argument("--prepare-kbit", action="store_true",
                    help="also call peft.prepare_model_for_kbit_training on the PEFT side (upcasts to fp32)")
     p.add_argument("--warmup", type=int, help=f"untimed steps per worker ({default('warmup')})")
@@ -158,6 +162,8 @@ def load_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.config.use_cache = False
+        if not args.no_release_memory and qlora_kit.allocator.release_between_layers(model).handles:
+            qlora_kit.allocator.trim()  # as train() does (on the CPU)
         params = [p for layer in qlora_kit.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
         return model, params
 
@@ -271,6 +277,7 @@ def run_worker(args: argparse.Namespace, side: str, folder: Path, batches: Path,
            "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--rounds", "1", "--seed", str(args.seed)]
     cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--prepare-kbit"] * args.prepare_kbit
+    cmd += ["--no-release-memory"] * args.no_release_memory
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not result.is_file():

@@ -30,6 +30,15 @@ run memory $py benchmarks/bench_memory.py --device cuda --model examples/configs
 run memory-estimate qlora-kit memory --model examples/configs/llama-3.2-1b.json --measure \
     --sweep seq-len=1024,2048,4096 --sweep gradient-checkpointing=false,true \
     --csv "$out/memory.csv" --plot "$out/memory.png"
+# estimate against measurement (allocated and reserved peaks) on the two Llama shapes
+run memory-1b qlora-kit memory --model examples/configs/llama-3.2-1b.json --seq-len 2048 --batch-size 4 --measure
+run memory-8b qlora-kit memory --model examples/configs/llama-3-8b.json --seq-len 2048 --batch-size 1 \
+    --gradient-checkpointing --measure
+# --fit against the real out-of-memory boundary, found by running (a GPU of the budget's size)
+run fit-1b $py benchmarks/bench_fit.py --device cuda --model examples/configs/llama-3.2-1b.json --budget 12GiB \
+    --json "$out/fit-1b.json"
+run fit-8b $py benchmarks/bench_fit.py --device cuda --model examples/configs/llama-3-8b.json --budget 24GiB \
+    --gradient-checkpointing --batch-size 1 --json "$out/fit-8b.json"
 # one Qwen3-30B-A3B-shaped MoE layer (128 experts, top-8): quantized expert stacks vs PEFT target_parameters
 run moe $py benchmarks/bench_moe.py --device cuda --dtype bf16 --tokens 4096 --json "$out/moe.json"
 echo "results in $out/"

@@ -6,19 +6,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import qlora_kit as qk
-from qlora_kit import memory
+from qlora_kit import allocator, memory
 from qlora_kit.cli import main
 from qlora_kit.config import QuantConfig, TrainConfig
 from qlora_kit.formats import bytes_per_weight, make_optimizer, packed_layout, quantize
 from qlora_kit.layers import QuantLinear
+from qlora_kit.memory.observed import ObservedPeak
 
-from .conftest import tiny_config
+from .conftest import make_model, tiny_config
 from .families import small_config
 
 LLAMA3_8B = Path(__file__).parent.parent / "examples" / "configs" / "llama-3-8b.json"
@@ -181,6 +184,78 @@ def test_llama3_8b_weights_are_the_arithmetic():
     lora = layers * 16 * sum(o + i for o, i in per_layer)
     assert est.components["LoRA parameters"] == 4 * lora
     assert est.components["optimizer state"] == 8 * lora + 4 * 7 * layers * 2
+
+
+# ---- the ground truth: the allocator's own count, and the process ------------------------------------
+
+def test_cpu_allocator_peak_counts_the_blocks_of_the_window():
+    """Exact bytes: what was live when the window opened plus the largest rise in it; blocks allocated before
+    recording are not in it, and their frees do not count against it."""
+    before = torch.empty(2**20)
+    obs = ObservedPeak("cpu").start()
+    kept = torch.empty(2**20)  # 4 MiB live when the window opens
+    del before
+    obs.reset_peak()
+    a, b = torch.empty(2**21), torch.empty(2**21)  # 8 + 8
+    del a
+    c = torch.empty(2**22)  # 4 + 8 + 16 = 28 MiB, the peak
+    del b, c
+    obs.stop()
+    assert obs.allocated_peak == 28 * 2**20 and kept.numel() == 2**20
+    assert obs.rss_peak >= obs.rss_start > 0
+
+
+def test_cpu_allocator_sees_buffers_inside_operators_that_no_tensor_count_sees():
+    q = torch.randn(2, 4, 256, 64)
+    obs = ObservedPeak("cpu").start()
+    obs.reset_peak()
+    live = memory.LiveTensors()
+    with live:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    obs.stop()
+    assert out.nbytes <= live.peak < obs.allocated_peak  # the flash kernel's per-thread score blocks
+
+
+def test_the_profilers_own_lines_stay_out_of_the_terminal(capfd):
+    obs = ObservedPeak("cpu").start()
+    gone = torch.empty(2**20)
+    del gone
+    print("a line of the run's own", file=sys.stderr)
+    obs.reset_peak()
+    obs.stop()
+    err = capfd.readouterr().err
+    assert err == "a line of the run's own\n", err
+
+
+def test_release_between_layers_trims_at_every_layer_both_ways(monkeypatch):
+    model = make_model("llama")
+    calls = []
+    monkeypatch.setattr(allocator, "trim", lambda: calls.append(1))
+    handle = allocator.release_between_layers(model)
+    layers = len(model.model.layers)
+    assert len(handle.handles) == layers
+    ids = torch.randint(0, 100, (2, 8))
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2 * layers  # after each forward, and as backward reaches each layer's output
+    handle.remove()
+    calls.clear()
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []
+    assert allocator.release_between_layers(model.to("meta")).handles == []  # not on the CPU: nothing
+
+
+@pytest.mark.slow
+def test_process_peak_rss_follows_the_allocator_peak(tmp_path):
+    """The two views of the machine agree: over the measured steps the process grows by about the allocator's
+    peak once freed memory is handed back between layers (the default). Without that, the same run grew
+    1.6x the allocator peak here."""
+    out = subprocess.run([sys.executable, "-m", "qlora_kit", "memory", "--measure", "--json", "--device", "cpu",
+                          "--seq-len", "256", "--batch-size", "4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    meas = json.loads(out.stdout)["measured"]
+    grown, allocated = meas["rss_peak"] - meas["rss_start"], meas["allocator_peak"]
+    assert meas["total"] == allocated > meas["peak"] * 0.99
+    assert 0.85 * allocated < grown < 1.2 * allocated + 128 * 2**20, (grown, allocated)
 
 
 # ---- estimate against measurement ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Training memory: estimate it from config.json alone, measure it on real steps, fit a budget, sweep.
 
-Both the estimate and the measurement count the same thing, the bytes of every tensor storage alive,
+The estimate and the measurement's breakdown count the same thing, the bytes of every tensor storage alive,
 with `LiveTensors` (a dispatch mode that sees every tensor an operator returns and a weak reference
 that sees it freed), split into the categories of `CATEGORIES`:
 
@@ -25,10 +25,12 @@ total seen. The optimizer step is not run on the meta device: its state is alloc
 temporaries by a rule (`optimizer_step_temporaries`).
 
 The measurement runs the same steps on real tensors (random weights: values do not change memory) and
-reports the peak of the same count per category; on CUDA also the allocator's own peak
-(torch.cuda.max_memory_allocated), which is the figure to compare with the estimate there.
+reports the peak of the same count per category, beside what the machine saw (observed.ObservedPeak, which
+shares no code with the count): the allocator's own peak, the measurement's total and the figure the
+estimate is checked against (CUDA: torch.cuda.max_memory_allocated; CPU: torch's CPU allocator through the
+profiler's memory events), and the process's peak RSS.
 
-The package, by concern: counting.py (LiveTensors), formulas.py (optimizer state and step temporaries; the
+The package, by concern: counting.py (LiveTensors), observed.py (allocator and process peaks), formulas.py (optimizer state and step temporaries; the
 packed layout is formats.packed_layout), models.py (config.json, the meta and random models), emulation.py
 (what a meta run is told of the target's kernels), run.py (the counted steps), estimate.py (estimate and
 measure), plan.py (fit a budget, sweep), report.py (text).
