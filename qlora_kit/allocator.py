@@ -19,6 +19,7 @@ import ctypes.util
 import functools
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -61,6 +62,8 @@ def _trim_on_grad(grad: Tensor) -> None:
 
 
 def _after_layer(_module: nn.Module, _args, output) -> None:
+    if not torch.is_grad_enabled():  # evaluation and generation: nothing is kept between layers anyway
+        return
     trim()
     out = output[0] if isinstance(output, tuple) else output
     if isinstance(out, Tensor) and out.requires_grad:
@@ -68,7 +71,8 @@ def _after_layer(_module: nn.Module, _args, output) -> None:
 
 
 def release_between_layers(model: nn.Module) -> _Released:
-    """Trim malloc's heaps after every decoder layer's forward and before its backward, on the CPU.
+    """Trim malloc's heaps after every decoder layer's forward and before its backward, on the CPU, in
+    training (forwards under torch.no_grad, evaluation and generation, are left alone).
 
     A no-op (nothing installed) where the model is not on the CPU, where there is no glibc, or where the model
     has no decoder layers. The same hooks run under gradient checkpointing (the recomputed forward trims too).

@@ -224,16 +224,18 @@ def measure(cfg: TrainConfig, device: str = "auto", steps: int = 1, config=None,
         report.notes.append("total = torch.cuda.max_memory_allocated over the measured steps; the categories count "
                             "live tensors, 'other (allocator)' is workspace and rounding; the CUDA allocator "
                             "reserved up to the 'reserved' figure")
+    elif report.allocator_peak is None:
+        report.notes.append(f"total = peak of live tensor bytes: {observed.unavailable}")
     else:
         report.notes.append("total = the peak of torch's CPU allocator over the measured steps (profiler memory "
                             "events); the categories count live tensors, 'other (allocator)' is buffers allocated "
                             "inside operators (attention, matmul packing) that no tensor count sees")
-        if report.rss_peak:
-            report.notes.append(
-                f"process peak RSS {fmt_bytes(report.rss_peak)}: {fmt_bytes(report.rss_start)} of interpreter and "
-                "libraries before the model was built; the rest is the allocator's peak plus freed memory malloc "
-                + ("kept between layers (handed back at each layer: --release-memory)" if cfg.release_memory
-                   else "kept (--no-release-memory; --release-memory hands it back at each layer)"))
+    if not is_cuda and report.rss_peak:
+        report.notes.append(
+            f"process peak RSS {fmt_bytes(report.rss_peak)}: {fmt_bytes(report.rss_start)} of interpreter and "
+            "libraries before the model was built; the rest is the allocator's peak plus freed memory malloc "
+            + ("kept between layers (handed back at each layer: --release-memory)" if cfg.release_memory
+               else "kept (--no-release-memory; --release-memory hands it back at each layer)"))
     return report
 
 

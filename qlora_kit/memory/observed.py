@@ -110,12 +110,15 @@ class ObservedPeak:
         self.rss_peak = 0
         self._prof = None
         self._quiet: contextlib.ExitStack | None = None
+        self.unavailable: str | None = None
 
     def start(self) -> ObservedPeak:
         self.rss_start = rss_now()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        elif torch.autograd.profiler._is_profiler_enabled:  # the user's own: leave it alone
+            self.unavailable = "the allocator's view needs the profiler, and another one is running"
         else:
             from torch.profiler import ProfilerActivity, profile
 
@@ -125,6 +128,9 @@ class ObservedPeak:
             try:
                 self._prof.start()
                 self._ops(False)  # memory events only: a million op events would cost the process GBs
+            except RuntimeError as e:  # another profiler is running: no allocator view, the RSS still
+                self._quiet.close()
+                self._prof, self.unavailable = None, f"the allocator's view needs the profiler ({e})"
             except BaseException:
                 self._quiet.close()
                 raise

@@ -181,7 +181,7 @@ def sweep(cfg: TrainConfig, axes: dict[str, list], device: str = "cuda", do_meas
             check_measurable(est)
             mes = measure(c, device, config=config)
             row.update({f"meas_{_key(k)}": v for k, v in mes.components.items()}, meas_total=mes.total,
-                       error=round(est.total / mes.total - 1, 4))
+                       meas_live=mes.peak, meas_rss_peak=mes.rss_peak, error=round(est.total / mes.total - 1, 4))
         rows.append(row)
         log(f"{label}: estimate {fmt_bytes(est.total)}"
             + (f", measured {fmt_bytes(row['meas_total'])} ({100 * row['error']:+.1f}%)" if do_measure else ""))
