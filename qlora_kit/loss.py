@@ -39,10 +39,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, y, ok = hidden[start:start + chunk], safe[start:start + chunk], valid[start:start + chunk]
             z = (h @ weight.t()).float()  # (c, vocab): the head in the compute dtype, then fp32 as transformers
-            lse = torch.logsumexp(z, dim=-1)
-            total = total + ((lse - z.gather(1, y[:, None]).squeeze(1)) * ok).sum()
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            # logsumexp in place: torch.logsumexp would allocate another chunk-sized buffer inside the op
+            top = z.amax(dim=-1)
+            z.sub_(top[:, None]).exp_()
+            norm = z.sum(dim=-1)
+            total = total + ((norm.log() + top - picked) * ok).sum()
             if grad is not None:
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
+                z.div_(norm[:, None])  # softmax
                 z.scatter_add_(1, y[:, None], -ok[:, None].float())  # minus the one-hot of the label
                 z.mul_(ok[:, None])
                 grad[start:start + chunk] = z.to(weight.dtype) @ weight

@@ -99,7 +99,8 @@ class ObservedPeak:
     allocated_peak: CUDA max_memory_allocated, or on CPU the peak of bytes torch's CPU allocator had handed
     out (from start(), so weights included) during the window. reserved_peak: CUDA max_memory_reserved
     (None on CPU, whose allocator caches nothing: freed blocks go back to malloc). rss_start / rss_peak:
-    the process's resident set at start() and its peak during the window.
+    the process's resident set at start() and its peak during the window, read before the recording is
+    turned into Python objects (a million allocation events would add hundreds of MB of them).
     """
 
     def __init__(self, device: str) -> None:
@@ -148,6 +149,7 @@ class ObservedPeak:
         reset_rss_peak()
 
     def stop(self) -> ObservedPeak:
+        self.rss_peak = rss_peak()
         if self.cuda:
             torch.cuda.synchronize()
             self.allocated_peak = torch.cuda.max_memory_allocated()
@@ -156,7 +158,6 @@ class ObservedPeak:
             self._stop_recording()
             self.allocated_peak = _cpu_allocator_peak(self._prof)
             self._prof = None
-        self.rss_peak = rss_peak()
         return self
 
     def abort(self) -> None:
