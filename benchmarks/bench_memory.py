@@ -173,7 +173,8 @@ def worker(job: dict) -> dict:
     return {"side": job["side"], "live_peak": tracker.peak, "components": tracker.at_peak,
             "allocator_peak": observed.allocated_peak, "reserved_peak": observed.reserved_peak,
             "rss_start": observed.rss_start, "rss_peak": observed.rss_peak,
-            "rss_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "total": observed.allocated_peak}
+            "rss_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "total": observed.allocated_peak if observed.allocated_peak is not None else tracker.peak}
 
 
 # ---- parent ------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def main() -> None:
                     row[side] = run_worker(__file__, job, Path(tmp), env=MALLOC[malloc])
                 row["ratio"] = row["qlora-kit"]["total"] / row["peft"]["total"]
                 row["rss_ratio"] = row["qlora-kit"]["rss_peak"] / row["peft"]["rss_peak"] \
-                    if row["peft"]["rss_peak"] else None
+                    if row["peft"]["rss_peak"] and row["qlora-kit"]["rss_peak"] else None
                 results.append(row)
                 label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", malloc {malloc}"
                 q, pe = row["qlora-kit"], row["peft"]
@@ -254,7 +255,9 @@ def main() -> None:
     print(f"\nqlora-kit / PEFT allocator peak: {min(ratios):.2f}x .. {max(ratios):.2f}x (below 1: qlora-kit smaller)")
     rss = [r["rss_ratio"] for r in results if r["rss_ratio"]]
     if rss:
-        print(f"qlora-kit / PEFT process peak RSS: {min(rss):.2f}x .. {max(rss):.2f}x")
+        print(f"qlora-kit / PEFT process peak RSS: {min(rss):.2f}x .. {max(rss):.2f}x (qlora-kit "
+              f"{'keeping freed memory' if args.no_release_memory else 'handing freed memory back between layers'},"
+              " as train does; PEFT as it is)")
     if args.json:
         meta = dict(machine=host, versions=vers, args={k: v for k, v in vars(args).items() if k != "worker"})
         from qlora_kit.io import atomic_write_bytes

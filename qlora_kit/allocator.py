@@ -75,7 +75,8 @@ def release_between_layers(model: nn.Module) -> _Released:
     training (forwards under torch.no_grad, evaluation and generation, are left alone).
 
     A no-op (nothing installed) where the model is not on the CPU, where there is no glibc, or where the model
-    has no decoder layers. The same hooks run under gradient checkpointing (the recomputed forward trims too).
+    has no decoder layers. Under transformers' gradient checkpointing the hooks stay outside the checkpointed
+    forward: a layer's recomputation runs after the trim that its output's gradient hook makes.
     Returns a handle whose `remove()` takes the hooks out.
     """
     from .loss import decoder_layers

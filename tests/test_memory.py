@@ -20,6 +20,7 @@ from qlora_kit.config import QuantConfig, TrainConfig
 from qlora_kit.formats import bytes_per_weight, make_optimizer, packed_layout, quantize
 from qlora_kit.layers import QuantLinear
 from qlora_kit.memory.observed import ObservedPeak
+from qlora_kit.patch import enable_checkpointing
 
 from .conftest import make_model, tiny_config
 from .families import small_config
@@ -205,6 +206,23 @@ def test_cpu_allocator_peak_counts_the_blocks_of_the_window():
     assert obs.rss_peak >= obs.rss_start > 0
 
 
+def test_cpu_allocator_peak_is_not_fooled_by_an_earlier_recording():
+    """c10 remembers the sizes of blocks recorded before: their frees in a later recording must not count."""
+    first = ObservedPeak("cpu").start()
+    x = torch.empty(2**18)  # 1 MiB, recorded
+    first.reset_peak()
+    first.stop()
+    del x
+    y = torch.empty(2**16)  # 256 KiB, not recorded (often at the address x had)
+    second = ObservedPeak("cpu").start()
+    del y
+    second.reset_peak()
+    a = torch.empty(3 * 2**20)
+    del a
+    second.stop()
+    assert second.allocated_peak == 12 * 2**20
+
+
 def test_cpu_allocator_sees_buffers_inside_operators_that_no_tensor_count_sees():
     q = torch.randn(2, 4, 256, 64)
     obs = ObservedPeak("cpu").start()
@@ -253,6 +271,12 @@ def test_release_between_layers_trims_at_every_layer_both_ways(monkeypatch):
     calls.clear()
     model(input_ids=ids).logits.sum().backward()
     assert calls == []
+    model.train()
+    enable_checkpointing(model)  # the recomputation runs inside backward, after the layer's trim
+    handle = allocator.release_between_layers(model)
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2 * layers
+    handle.remove()
     assert allocator.release_between_layers(model.to("meta")).handles == []  # not on the CPU: nothing
 
 

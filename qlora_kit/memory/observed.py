@@ -20,7 +20,7 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
+import threading
 
 import torch
 
@@ -66,27 +66,35 @@ def reset_rss_peak() -> bool:
 
 @contextlib.contextmanager
 def _quiet_profiler():
-    """Run the block with fd 2 captured; afterwards replay what was written there, minus the profiler's noise
-    (Python's own sys.stderr is flushed first so that nothing written before lands in the capture)."""
+    """Run the block with fd 2 going through a filter that passes every line on as it comes, but the
+    profiler's noise (Python's sys.stderr is flushed at both ends so that its lines keep their order)."""
     try:
         saved = os.dup(2)
+        read_end, write_end = os.pipe()
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile() as capture:
-        try:
-            sys.stderr.flush()
-            os.dup2(capture.fileno(), 2)
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace")
-            kept = "".join(line for line in text.splitlines(keepends=True) if not _PROFILER_NOISE.match(line))
-            if kept:
-                os.write(2, kept.encode())
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _PROFILER_NOISE.match(line.decode(errors="replace")):
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(saved, view):]
+
+    thread = threading.Thread(target=forward, name="qlora-kit stderr filter", daemon=True)
+    thread.start()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the filter drains it and ends
+        thread.join(timeout=10)
+        os.close(saved)
 
 
 class ObservedPeak:
@@ -105,6 +113,7 @@ class ObservedPeak:
 
     def __init__(self, device: str) -> None:
         self.cuda = str(device).startswith("cuda")
+        self.device = torch.device(device)
         self.allocated_peak: int | None = None
         self.reserved_peak: int | None = None
         self.rss_start = 0
@@ -112,12 +121,16 @@ class ObservedPeak:
         self._prof = None
         self._quiet: contextlib.ExitStack | None = None
         self.unavailable: str | None = None
+        self._rss_window = False
 
     def start(self) -> ObservedPeak:
+        from .. import allocator
+
+        allocator.trim()  # what earlier work in this process freed is not this run's
         self.rss_start = rss_now()
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         elif torch.autograd.profiler._is_profiler_enabled:  # the user's own: leave it alone
             self.unavailable = "the allocator's view needs the profiler, and another one is running"
         else:
@@ -139,48 +152,53 @@ class ObservedPeak:
 
     def reset_peak(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         elif self._prof is not None:  # a marker in the recording, on the profiler's own clock
             self._ops(True)
             with torch.profiler.record_function(_WINDOW):
                 pass
             self._ops(False)
-        reset_rss_peak()
+        self._rss_window = reset_rss_peak()
 
     def stop(self) -> ObservedPeak:
-        self.rss_peak = rss_peak()
+        # None where the kernel's peak mark could not be reset: its figure would be the whole process's life
+        self.rss_peak = rss_peak() if self._rss_window else None
         if self.cuda:
-            torch.cuda.synchronize()
-            self.allocated_peak = torch.cuda.max_memory_allocated()
-            self.reserved_peak = torch.cuda.max_memory_reserved()
+            torch.cuda.synchronize(self.device)
+            self.allocated_peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_peak = torch.cuda.max_memory_reserved(self.device)
         elif self._prof is not None:
-            self._stop_recording()
-            self.allocated_peak = _cpu_allocator_peak(self._prof)
-            self._prof = None
+            prof, self._prof = self._prof, None
+            self._stop_recording(prof)
+            self.allocated_peak = _cpu_allocator_peak(prof)
         return self
 
     def abort(self) -> None:
         """Stop recording without reading it (the run failed)."""
         if self._prof is not None:
-            self._stop_recording()
-            self._prof = None
+            prof, self._prof = self._prof, None
+            self._stop_recording(prof)
 
     def _ops(self, on: bool) -> None:
         from torch.profiler import ProfilerActivity
 
         self._prof.toggle_collection_dynamic(on, [ProfilerActivity.CPU])
 
-    def _stop_recording(self) -> None:
+    def _stop_recording(self, prof) -> None:
         try:
-            self._prof.stop()
+            prof.stop()
         finally:
             self._quiet.close()
 
 
 def _cpu_allocator_peak(prof) -> int:
     """The largest running total of the CPU allocator's [memory] events from the window's marker on (from the
-    start where there is no marker)."""
+    start where there is no marker).
+
+    A free counts only against a block of its size allocated in this recording: c10 remembers the sizes of
+    blocks recorded in an earlier recording, and reports their frees (or a reused address's) again.
+    """
     cpu = torch._C._autograd.DeviceType.CPU
     window_ns = 0
     events = []
@@ -190,13 +208,20 @@ def _cpu_allocator_peak(prof) -> int:
                 events.append((e.start_ns(), e.nbytes()))
         elif e.name() == _WINDOW:
             window_ns = e.start_ns()
-    events.sort()
+    events.sort(key=lambda e: e[0])  # stable: events of one instant keep the order they were recorded in
+    outstanding: dict[int, int] = {}
     total = peak = 0
     started = False
     for t, n in events:
         if not started and t >= window_ns:
             started = True
             peak = total
+        if n < 0:
+            if outstanding.get(-n, 0) == 0:
+                continue
+            outstanding[-n] -= 1
+        else:
+            outstanding[n] = outstanding.get(n, 0) + 1
         total += n
         if started and total > peak:
             peak = total

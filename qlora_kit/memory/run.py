@@ -62,20 +62,20 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
         enable_checkpointing(model, **extra)
     model.train()
     decoder = decoder_of(model) or model
-    released = None
-    if cfg.release_memory and not meta:
-        released = allocator.release_between_layers(model)
-        if released.handles:
-            allocator.trim()  # what building the model freed, as train() does before its first step
     hooks = [decoder.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "activations")),
              decoder.register_forward_hook(lambda *_: setattr(tracker, "phase", "logits & loss"))]
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "LoRA gradients")) for p in params]
-    vocab = model.config.get_text_config().vocab_size
 
     def backward_phase(_loss: Tensor) -> None:
         tracker.phase = "backward temporaries"
 
     try:
+        vocab = model.config.get_text_config().vocab_size
+        if cfg.release_memory and not meta:
+            released = allocator.release_between_layers(model)
+            hooks += released.handles
+            if released.handles:
+                allocator.trim()  # what building the model freed, as train() does before its first step
         with tracker:
             tracker.phase = "optimizer state"
             if meta:
@@ -108,5 +108,3 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     finally:
         for h in hooks:
             h.remove()
-        if released is not None:
-            released.remove()
