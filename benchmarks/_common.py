@@ -15,6 +15,12 @@ import torch
 SHARD_BYTES = 2 * 2**30
 
 
+def serve_worker(job_json: str, worker) -> None:
+    """The worker side of run_worker: run `worker(job)` and write its JSON where the job says."""
+    job = json.loads(job_json)
+    Path(job["out"]).write_text(json.dumps(worker(job)))
+
+
 def run_worker(script: str, job: dict, tmp: Path, env: dict | None = None) -> dict:
     """Run `script --worker JOB` in a fresh process (one side of a comparison) and return the JSON it writes;
     `env`: variables added to its environment."""
@@ -26,16 +32,6 @@ def run_worker(script: str, job: dict, tmp: Path, env: dict | None = None) -> di
     if proc.returncode != 0 or not path.is_file():
         sys.exit(f"the {job['side']} worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
     return json.loads(path.read_text())
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM, what ru_maxrss reports) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def mib(n: int | None) -> str:

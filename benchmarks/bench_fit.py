@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import machine, mib, run_worker
+from _common import machine, mib, run_worker, serve_worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +75,7 @@ def worker(job: dict) -> dict:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        job = json.loads(args.worker)
-        Path(job["out"]).write_text(json.dumps(worker(job)))
+        serve_worker(args.worker, worker)
         return
 
     from qlora_kit import memory
@@ -89,7 +88,8 @@ def main() -> None:
                       gradient_checkpointing=args.gradient_checkpointing)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     reserve = memory.parse_size(args.reserve) if args.reserve else None
-    print(f"machine: {machine(torch.device(args.device))}")
+    host = machine(torch.device(args.device))
+    print(f"machine: {host}")
     pred = memory.fit(cfg, budget, device, reserve=reserve)
     print(f"predicted (--fit {args.budget}, {mib(pred.reserve)} MiB of it reserved): "
           f"seq {pred.best}, estimated peak {mib(pred.report.total) if pred.report else '-'} MiB")
@@ -133,8 +133,7 @@ def main() -> None:
     if args.json:
         from qlora_kit.io import atomic_write_bytes
 
-        out = {"machine": machine(torch.device(args.device)), "args": {k: v for k, v in vars(args).items()
-                                                                        if k != "worker"},
+        out = {"machine": host, "args": {k: v for k, v in vars(args).items() if k != "worker"},
                "budget": budget, "predicted": pred.best, "predicted_peak": pred.report.total if pred.report else None,
                "real": real, "probes": probes}
         atomic_write_bytes(Path(args.json), json.dumps(out, indent=2).encode())

@@ -56,7 +56,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import machine, mib, model_folder, run_worker
+from _common import machine, mib, model_folder, run_worker, serve_worker
 
 SIDES = ("qlora-kit", "peft")
 MALLOC = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
@@ -182,8 +182,7 @@ def worker(job: dict) -> dict:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        job = json.loads(args.worker)
-        Path(job["out"]).write_text(json.dumps(worker(job)))
+        serve_worker(args.worker, worker)
         return
 
     from qlora_kit import memory

@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, mib, reset_peak_rss, run_worker
+from _common import machine, mib, run_worker, serve_worker
 
 SIDES = ("qlora-kit", "peft")
 TARGETS = ("gate_up_proj", "down_proj")  # the experts module's 3-D parameters, in its parameter order
@@ -347,8 +347,10 @@ def worker(job: dict) -> dict:
         else:
             out["check"] = compare(job, loaded, result)
         return out
+    from qlora_kit.memory.observed import reset_rss_peak
+
     build_peak = peak_rss()
-    hwm_reset = reset_peak_rss()  # from here on, ru_maxrss is the peak since the build ended
+    hwm_reset = reset_rss_peak()  # from here on, ru_maxrss is the peak since the build ended
     if device == "cuda":
         out["cuda_weights"] = torch.cuda.memory_allocated()  # the layer on the GPU, before any step
     out["forward_times"] = timed(forward, job["warmup"], job["repeats"], device)
@@ -416,8 +418,7 @@ def spread(times: list[float]) -> str:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        job = json.loads(args.worker)
-        Path(job["out"]).write_text(json.dumps(worker(job)))
+        serve_worker(args.worker, worker)
         return
 
     host, vers = machine(torch.device(args.device)), versions()

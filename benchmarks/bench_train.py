@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, model_folder, reset_peak_rss
+from _common import machine, model_folder
 
 from qlora_kit.config import parse_dtype
 
@@ -147,7 +147,9 @@ def reset_peak(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    return reset_peak_rss()
+    from qlora_kit.memory.observed import reset_rss_peak
+
+    return reset_rss_peak()
 
 
 def load_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
@@ -162,8 +164,8 @@ def load_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.config.use_cache = False
-        if not args.no_release_memory and qlora_kit.allocator.release_between_layers(model).handles:
-            qlora_kit.allocator.trim()  # as train() does (on the CPU)
+        if not args.no_release_memory:
+            qlora_kit.allocator.release_between_layers(model)  # as train() does (on the CPU)
         params = [p for layer in qlora_kit.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
         return model, params
 

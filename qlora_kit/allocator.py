@@ -75,7 +75,8 @@ def release_between_layers(model: nn.Module) -> _Released:
     training (forwards under torch.no_grad, evaluation and generation, are left alone).
 
     A no-op (nothing installed) where the model is not on the CPU, where there is no glibc, or where the model
-    has no decoder layers. Under transformers' gradient checkpointing the hooks stay outside the checkpointed
+    has no decoder layers. Installing trims once (what building the model freed). Under transformers' gradient
+    checkpointing the hooks stay outside the checkpointed
     forward: a layer's recomputation runs after the trim that its output's gradient hook makes.
     Returns a handle whose `remove()` takes the hooks out.
     """
@@ -85,4 +86,5 @@ def release_between_layers(model: nn.Module) -> _Released:
     param = next(model.parameters(), None)
     if layers is None or param is None or param.device.type != "cpu" or not available():
         return _Released([])
+    trim()  # what building the model freed
     return _Released([layer.register_forward_hook(_after_layer) for layer in layers])

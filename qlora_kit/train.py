@@ -142,8 +142,8 @@ class _Run:
             enable_checkpointing(model)
         if cfg.fsdp:
             model = dist.shard_model(model, ctx, device)
-        if cfg.release_memory and allocator.release_between_layers(model).handles:  # CPU only; live with the model
-            allocator.trim()  # what loading freed
+        if cfg.release_memory:
+            allocator.release_between_layers(model)  # on the CPU only; the hooks live as long as the model
         if ctx.rank > 0:  # the same LoRA init everywhere, then each rank its own dropout masks
             torch.manual_seed(cfg.seed + 7919 * ctx.rank)
         self.model = model

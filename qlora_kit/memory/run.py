@@ -72,10 +72,7 @@ def run_steps(model: nn.Module, cfg: TrainConfig, tracker: LiveTensors, device: 
     try:
         vocab = model.config.get_text_config().vocab_size
         if cfg.release_memory and not meta:
-            released = allocator.release_between_layers(model)
-            hooks += released.handles
-            if released.handles:
-                allocator.trim()  # what building the model freed, as train() does before its first step
+            hooks += allocator.release_between_layers(model).handles
         with tracker:
             tracker.phase = "optimizer state"
             if meta:
