@@ -194,15 +194,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     """
     path = Path(path)
     config, pairs = read_adapter(path)
+    return apply_adapter(model, path, config, pairs, check_base, dtype)
+
+
+def apply_adapter(model: nn.Module, path: Path, config: dict, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  check_base: bool = True, dtype: torch.dtype = torch.float32, under: str | None = None) -> nn.Module:
+    """load_adapter with the adapter already read (read_adapter); with `under`, only the modules whose names
+    start with it (one decoder block of a model read a block at a time) are checked and patched."""
+    pairs = {n: ab for n, ab in pairs.items() if n.startswith(under or "")}  # a copy: expert factors are taken out
     recorded = config.get(FINGERPRINT)
     if check_base and recorded and recorded != fingerprint(model):
         raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
                          f"model's is {fingerprint(model)}; base was {config.get('base_model_name_or_path')!r})")
     modules = dict(model.named_modules())
-    stack_pairs = _stack_pairs(model, path, config, pairs)  # expert factors, by stack name
+    stack_pairs = _stack_pairs(model, path, config, pairs, under)  # expert factors, by stack name
     existing = {n: m for n, m in lora_layers(model).items()
-                if not isinstance(modules.get(n.rpartition(".")[0]), ExpertStack)}
-    with_lora = {n for n, st in expert_stacks(model).items() if st[0].lora_A is not None}
+                if not isinstance(modules.get(n.rpartition(".")[0]), ExpertStack) and n.startswith(under or "")}
+    with_lora = {n for n, st in expert_stacks(model).items() if st[0].lora_A is not None and n.startswith(under or "")}
     if (existing or with_lora) and with_lora != set(stack_pairs):
         extra = sorted(with_lora ^ set(stack_pairs))[0]
         raise ValueError(f"{path}: adapter and model differ on LoRA for the experts {extra!r}; load it into a "
@@ -255,8 +263,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     return model
 
 
-def _stack_pairs(model: nn.Module, path: Path, config: dict,
-                 pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list]:
+def _stack_pairs(model: nn.Module, path: Path, config: dict, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 under: str | None = None) -> dict[str, list]:
     """Take the expert factors (PEFT's `target_parameters`) out of `pairs`: {stack name: [(A, B) per expert]}.
 
     Raises ValueError, changing nothing, when a targeted parameter is not an expert stack of this model or
@@ -265,11 +273,11 @@ def _stack_pairs(model: nn.Module, path: Path, config: dict,
     wanted = config.get("target_parameters") or []
     if not wanted:
         return {}
-    stacks = expert_stacks(model)
+    stacks = {n: st for n, st in expert_stacks(model).items() if n.startswith(under or "")}
     names = {}
     for entry in wanted:
         hits = [n for n, st in stacks.items() if peft_target(n, st) == entry or peft_target(n, st).endswith("." + entry)]
-        if not hits:
+        if not hits and under is None:
             why = "it has no experts" if not stacks else "no expert stack has that name"
             raise ValueError(f"{path}: adapter targets the expert weights {entry!r}, which this "
                              f"{type(model).__name__} has not ({why})")

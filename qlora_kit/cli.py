@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if not quiet:
             print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, or the machine (a full disk): one line
         if not quiet:
             print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 2

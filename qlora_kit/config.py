@@ -278,7 +278,10 @@ class MergeConfig:
     eval_sequences: int = _opt(32, "held-out sequences scored")
     seq_len: int = _opt(128, "tokens per sequence")
     dtype: str = _opt("bf16", "dtype of the unquantized tensors of a 4/8-bit export")
-    force: bool = _opt(False, "replace an existing --out")
+    eval: bool = _opt(True, "score base, unmerged adapter and export on the held-out rows (--no-eval: skip it, "
+                            "for the largest models)")
+    dry_run: bool = _opt(False, "print the planned peak memory and output size, then stop")
+    force: bool = _opt(False, "replace an existing --out, and run even when the plan exceeds the available memory")
     cache_dir: str | None = _opt(None, "cache for converted models and data")
 
     def __post_init__(self) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -94,3 +99,88 @@ def _fsync(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class ShardWriter:
+    """safetensors shards written as tensors arrive, holding none of them in memory.
+
+    A shard's tensor bytes go straight to a body file; when the shard is full (or at close) its header is
+    written to the shard's file and the body copied after it. Names follow transformers' layout:
+    model.safetensors, or model-0000k.safetensors shards with model.safetensors.index.json.
+    Raises OSError with one line (the folder and the free space) when the disk fills up.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.folder, self.max = Path(folder), max_shard_bytes
+        self.metadata = metadata or {"format": "pt"}
+        self.shards: list[tuple[str, list[str]]] = []
+        self.keys: set[str] = set()
+        self.body = None
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.keys:
+            raise ValueError(f"tensor {key!r} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * t.element_size()
+        if self.entries and self.size + nbytes > self.max:
+            self._close_shard()
+        if self.body is None:
+            self.body = tempfile.TemporaryFile(dir=self.folder)
+        self._guard(lambda: self.body.write(t.reshape(-1).view(torch.uint8).numpy().data), "model.safetensors")
+        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.size, self.size + nbytes]}
+        self.size += nbytes
+        self.total += nbytes
+        self.keys.add(key)
+
+    def _close_shard(self) -> None:
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+
+        def write() -> None:
+            with open(self.folder / name, "wb") as f:
+                f.write(struct.pack("<Q", len(header)))
+                f.write(header)
+                self.body.seek(0)
+                shutil.copyfileobj(self.body, f, 16 * 2**20)
+
+        self._guard(write, name)
+        self.body.close()
+        self.shards.append((name, list(self.entries)))
+        self.body, self.entries, self.size = None, {}, 0
+
+    def _guard(self, fn, name: str) -> None:
+        try:
+            fn()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(self.folder).free
+                raise OSError(e.errno, f"{self.folder.parent}: disk full while writing {name} "
+                                       f"({free / 2**20:.0f} MiB free; the export needs about "
+                                       f"{self.total / 2**20:.0f} MiB so far); nothing was written") from None
+            raise
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index; returns the files written."""
+        if self.entries or not self.shards:
+            self._close_shard()
+        if len(self.shards) == 1:
+            os.replace(self.folder / self.shards[0][0], self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: name for name, keys in self.shards for k in keys}}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [name for name, _ in self.shards]

@@ -333,32 +333,36 @@ class _StreamingFill:
                 except Exception as e:
                     raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
             keys = [(file, key) for file, h in handles.items() for key in h.keys()]
-            released = _FreedMemory()
-            for group in _plan_groups(self.model, keys, self.expected, self.ignored):
-                released.step()
-                if group.converter is None:
-                    (file, key), = group.sources
-                    self.place(file, key, group.target, released.read(handles, file, key))
-                    continue
-                self._check_complete(group)
-                for file, key in group.sources:
-                    group.converter.add_tensor(group.target, key, group.patterns[key],
-                                               released.read(handles, file, key))
-                file, key = group.sources[0]
-                try:
-                    converted = group.converter.convert(group.target, model=self.model, config=self.model.config)
-                except Exception as e:
-                    raise ValueError(f"{file}: cannot convert {key!r} and {len(group.sources) - 1} other tensor(s) "
-                                     f"into {group.target!r} as transformers does ({one_line(e)})") from None
-                for name in list(converted):
-                    tensor = converted.pop(name)
-                    tensor = tensor[0] if isinstance(tensor, list) else tensor
-                    if name not in self.expected:
-                        self.ignored.append(name)
-                        continue
-                    self.place(file, f"{name} (from {key!r} ...)", name, tensor)
-                    del tensor
+            self.fill(_plan_groups(self.model, keys, self.expected, self.ignored), handles)
         self.finish()
+
+    def fill(self, groups: list[_Group], handles: dict) -> None:
+        """Read, convert and place the tensors of `groups` from the open files `handles`."""
+        released = _FreedMemory()
+        for group in groups:
+            released.step()
+            if group.converter is None:
+                (file, key), = group.sources
+                self.place(file, key, group.target, released.read(handles, file, key))
+                continue
+            self._check_complete(group)
+            for file, key in group.sources:
+                group.converter.add_tensor(group.target, key, group.patterns[key],
+                                           released.read(handles, file, key))
+            file, key = group.sources[0]
+            try:
+                converted = group.converter.convert(group.target, model=self.model, config=self.model.config)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot convert {key!r} and {len(group.sources) - 1} other tensor(s) "
+                                 f"into {group.target!r} as transformers does ({one_line(e)})") from None
+            for name in list(converted):
+                tensor = converted.pop(name)
+                tensor = tensor[0] if isinstance(tensor, list) else tensor
+                if name not in self.expected:
+                    self.ignored.append(name)
+                    continue
+                self.place(file, f"{name} (from {key!r} ...)", name, tensor)
+                del tensor
 
     def _check_complete(self, group: _Group) -> None:
         """A stack of per-expert tensors must hold every expert the config asks for."""
@@ -423,7 +427,8 @@ class _StreamingFill:
                 module._buffers[leaf] = value
         self.done.add(name)
 
-    def finish(self) -> None:
+    def finish_ties(self) -> None:
+        """Tie the output head to the embeddings (and other ties transformers makes), as transformers does."""
         model = self.model
         head, embed = output_head(model), model.get_input_embeddings()
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -443,6 +448,10 @@ class _StreamingFill:
             current = owner._parameters.get(leaf)
             if current is not None and current.is_meta and not tied.is_meta:
                 owner._parameters[leaf] = tied
+
+    def finish(self) -> None:
+        self.finish_ties()
+        model = self.model
         harmless = (".inv_freq", ".attn.bias", ".attn.masked_bias")
         unexpected = [k for k in self.ignored if not k.endswith(harmless)]
         if unexpected:
@@ -462,3 +471,88 @@ class _StreamingFill:
             for key, buf in module._buffers.items():
                 if buf is not None and buf.device != self.device:
                     module._buffers[key] = buf.to(self.device)
+
+
+class CheckpointBlocks:
+    """A checkpoint read a part at a time into a skeleton: the tensors outside the decoder blocks, then one
+    block, quantized on arrival as load_quantized does. What is not read stays on the meta device, and a
+    part can be dropped back to it, so a pass over the model holds about one block.
+
+    Files are opened for each part and closed after it: pages of a memory-mapped file count towards the
+    process's resident memory for as long as it stays mapped.
+    """
+
+    def __init__(self, path: Path, cfg: QuantConfig, device: str | torch.device = "cpu"):
+        self.files = checkpoint_files(path)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises several types for a bad config
+            raise ValueError(f"{path / 'config.json'}: cannot read model config ({one_line(e)})") from None
+        self.cfg, self.device = cfg, check_device(device)
+        self.model = _skeleton(config, cfg)
+        self.targets = set(linear_names(self.model, self.device))
+        self._fill = _StreamingFill(self.model, self.targets, cfg, self.device)
+        keys = []
+        for file in self.files:
+            with self._open([file]) as handles:
+                keys += [(file, key) for key in handles[file].keys()]
+        self.layers_name, self.layers = decoder_layers(self.model)
+        groups = _plan_groups(self.model, keys, self._fill.expected, self._fill.ignored)
+        index = re.compile(rf"^{re.escape(self.layers_name)}\.(\d+)\.")
+        self.groups: dict[int | None, list[_Group]] = {}
+        for group in groups:
+            m = index.match(group.target)
+            self.groups.setdefault(int(m.group(1)) if m else None, []).append(group)
+        self.templates = {}  # the meta modules a loaded part replaced, to drop it back
+
+    @contextlib.contextmanager
+    def _open(self, files: Iterable[Path]) -> Iterator[dict]:
+        with contextlib.ExitStack() as stack:
+            handles = {}
+            for file in files:
+                try:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                except Exception as e:
+                    raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+            yield handles
+
+    def load(self, block: int | None) -> nn.Module:
+        """Read decoder block `block` (or, for None, everything outside the blocks); returns the block (or model)."""
+        groups = self.groups.get(block, [])
+        if block is not None:
+            self.templates[block] = copy.deepcopy(self.layers[block])
+        with self._open(dict.fromkeys(f for g in groups for f, _ in g.sources)) as handles:
+            self._fill.fill(groups, handles)
+        module = self.model if block is None else self.layers[block]
+        prefix = "" if block is None else f"{self.layers_name}.{block}."
+        if block is None:
+            self._fill.finish_ties()
+        missing = [n for n, t in [*module.named_parameters(remove_duplicate=False),
+                                  *module.named_buffers(remove_duplicate=False)]
+                   if t.is_meta and (block is not None or not n.startswith(self.layers_name + "."))]
+        if missing or self._fill.pending_bias:
+            what = f"{prefix}{missing[0]}" if missing else f"{next(iter(self._fill.pending_bias))}.bias"
+            raise ValueError(f"checkpoint is missing tensor {what!r} ({len(missing) or 1} in this part); "
+                             "is the folder complete and its config.json the right one?")
+        return module
+
+    def drop(self, block: int | None) -> None:
+        """Put a loaded part back on the meta device (its memory is freed when nothing else holds it)."""
+        if block is not None:
+            self.layers[block] = self.templates.pop(block)
+            return
+        for name, p in list(self.model.named_parameters(remove_duplicate=False)):  # buffers are small: kept
+            if not name.startswith(self.layers_name + ".") and not p.is_meta:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = self.model.get_submodule(owner_name) if owner_name else self.model
+                owner._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder blocks (name, module): its ModuleList of num_hidden_layers entries."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not isinstance(module, ExpertStack) and len(module) == n:
+            return name, module
+    raise ValueError(f"{type(model).__name__}: cannot find its list of {n} decoder blocks")

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlora_kit as qk
-from qlora_kit.merge import MergeConfig, _FourBitGrid, gptq_codes, merge
+from qlora_kit.merge import MergeConfig, merge
+from qlora_kit.rounding import Grid, gptq_codes
 from qlora_kit.train import train
 
 from .conftest import rel_err
@@ -118,16 +119,16 @@ def test_gptq_with_identity_hessian_is_round_to_nearest_and_otherwise_beats_it()
     out_f, in_f, bs = 16, 128, 64
     table = qk.formats.code_table("nf4").float()
     scales = torch.rand(out_f * in_f // bs) + 0.5
-    grid = _FourBitGrid(table, scales, in_f, bs)
+    grid = Grid.four_bit(table, scales, (out_f, in_f), bs)
     w = torch.randn(out_f, in_f) * 0.5
-    rtn = torch.stack([grid(w[:, j], j)[1] for j in range(in_f)], dim=1)
+    # round to nearest, independently: the table entry nearest to w / scale, element by element
+    per_elem = scales[(torch.arange(out_f)[:, None] * in_f + torch.arange(in_f)[None]) // bs]  # (out, in)
+    rtn = (w[..., None] / per_elem[..., None] - table).abs().argmin(-1)
     assert torch.equal(gptq_codes(w, torch.eye(in_f), grid, damp=0.0), rtn)
     x = torch.randn(512, in_f) @ torch.randn(in_f, in_f) * 0.2  # correlated inputs
     codes = gptq_codes(w, x.t() @ x, grid)
-    deq = lambda c: torch.stack([table[c[:, j]] * scales[(torch.arange(out_f) * in_f + j) // bs]  # noqa: E731
-                                 for j in range(in_f)], dim=1)
-    err_gptq = (x @ (deq(codes) - w).t()).norm()
-    err_rtn = (x @ (deq(rtn) - w).t()).norm()
+    err_gptq = (x @ (table[codes] * per_elem - w).t()).norm()
+    err_rtn = (x @ (table[rtn] * per_elem - w).t()).norm()
     assert err_gptq < 0.8 * err_rtn
 
 
@@ -146,14 +147,25 @@ def test_refusals(run_model, text_file, trained, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
-def test_output_is_atomic(run_model, text_file, trained, tmp_path, monkeypatch):
-    def boom(*a, **k):
-        raise OSError("disk full")
+def test_disk_full_mid_write_is_one_line_and_leaves_nothing(run_model, text_file, trained, tmp_path, monkeypatch,
+                                                            capsys):
+    import errno
 
-    import sys  # qlora_kit.merge is also the name of the function the package exports
-    monkeypatch.setattr(sys.modules["qlora_kit.merge"], "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    import qlora_kit.io as qio
+    from qlora_kit.cli import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qio.shutil, "copyfileobj", full)  # the shard's body is copied after its header
+    with pytest.raises(OSError, match="disk full while writing model-00001.safetensors"):
         merge(mcfg(run_model, text_file, trained, tmp_path / "out", format="bf16"), log=lambda s: None)
+    assert [p.name for p in Path(tmp_path).iterdir()] == []
+    args = ["merge", "--model", str(run_model), "--adapter", str(trained), "--out", str(tmp_path / "cli"),
+            "--format", "nf4", "--eval-data", str(text_file), "--seq-len", "32", "--calib-tokens", "256"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full while writing" in err and "MiB free" in err
     assert [p.name for p in Path(tmp_path).iterdir()] == []
 
 
@@ -193,3 +205,121 @@ def test_calibration_never_overlaps_evaluation(run_model, text_file, trained):
                                         tok, log=lambda s: None)
         rows = {tuple(r) for r in ev.input_ids.tolist()}
         assert len(cal) > 0 and not any(tuple(r) in rows for r in cal.input_ids.tolist())
+
+
+def test_streamed_evaluation_matches_plain_transformers_on_the_export(run_model, text_file, trained, tmp_path):
+    """The export's perplexity comes from activations carried block by block through the stored values; a
+    plain transformers load of the written folder, scored whole, is the independent reference."""
+    from qlora_kit.evaluate import score
+    from qlora_kit.merge import _eval_and_calibration
+
+    for fmt, tol in (("fp32", 1e-4), ("nf4", 2e-2)):
+        cfg = mcfg(run_model, text_file, trained, tmp_path / fmt, format=fmt)
+        m = merge(cfg, log=lambda s: None)["model_metrics"]
+        kwargs = {"device_map": "cpu"} if fmt == "nf4" else {}
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / fmt, dtype=torch.float32, **kwargs).eval()
+        ev, _ = _eval_and_calibration(cfg, AutoTokenizer.from_pretrained(run_model), log=lambda s: None)
+        with qk.formats.exact_bitsandbytes(exported):
+            ppl, _ = score(exported, ev, 4)
+        assert abs(m["ppl_merged"] / ppl - 1) < tol, (fmt, m["ppl_merged"], ppl)
+        ref = unmerged(run_model, trained)
+        ppl_ref, _ = score(ref, ev, 4)
+        assert abs(m["ppl_unmerged"] / ppl_ref - 1) < 1e-4
+        with qk.adapter_disabled(ref):
+            assert abs(m["ppl_base"] / score(ref, ev, 4)[0] - 1) < 1e-4
+
+
+def test_merge_holds_about_one_block_not_the_model(text_file, tmp_path):
+    """Allocator peak of the merge on 8 blocks against 2: the 6 extra blocks (4x the weights) must add
+    well under two blocks' worth. The checkpoints are saved in small shards: an open safetensors file
+    counts in torch's allocator at its full size (a mapped view, not resident memory)."""
+    from qlora_kit.memory.observed import ObservedPeak
+
+    from .conftest import make_tokenizer
+
+    peaks = {}
+    for n in (2, 8):
+        folder = tmp_path / f"m{n}"
+        tok = make_tokenizer(folder)
+        torch.manual_seed(0)
+        from transformers import LlamaConfig
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=n, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None))
+        model.save_pretrained(folder, max_shard_size="1MB")
+        q = qk.load_quantized(folder)
+        qk.add_lora(q, r=4, alpha=8, dropout=0.0)
+        for layer in qk.lora_layers(q).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.01)
+        qk.save_adapter(q, tmp_path / f"ad{n}")
+        del q, model
+        obs = ObservedPeak("cpu").start()
+        obs.reset_peak()
+        merge(MergeConfig(model=str(folder), adapter=str(tmp_path / f"ad{n}"), out=str(tmp_path / f"o{n}"),
+                          format="bf16", eval_data=str(text_file), seq_len=32, eval_sequences=4, calib_tokens=128),
+              log=lambda s: None)
+        peaks[n] = obs.stop().allocated_peak
+    block = (4 * 256 * 256 + 3 * 256 * 512) * 4  # one block's weights in fp32
+    assert peaks[8] - peaks[2] < 2 * block, (peaks, block)
+
+
+def test_plan_dry_run_and_refusal(run_model, text_file, trained, tmp_path, monkeypatch, capsys):
+    import sys
+    qm = sys.modules["qlora_kit.merge"]  # the package also exports the function merge
+    from qlora_kit.cli import main
+
+    lines = []
+    plan = merge(mcfg(run_model, text_file, trained, tmp_path / "dry", format="nf4", dry_run=True),
+                 log=lines.append)["plan"]
+    assert not (tmp_path / "dry").exists() and any(x.startswith("plan: 2 blocks; peak memory about") for x in lines)
+    merge(mcfg(run_model, text_file, trained, tmp_path / "real", format="nf4", eval=False), log=lambda s: None)
+    written = sum(f.stat().st_size for f in (tmp_path / "real").glob("*.safetensors"))
+    assert 0.8 < plan["output_bytes"] / written <= 1  # headers and quant-state blobs: 12% of this tiny export
+    report = json.loads((tmp_path / "real" / "merge_report.json").read_text())
+    assert "no-eval" in report["model_metrics"]["skipped"]
+    monkeypatch.setattr(qm, "system_available", lambda: 2**20)  # a machine with 1 MiB free
+    with pytest.raises(ValueError, match="needs about .* at its peak, but this machine has 0.00 GiB available"):
+        merge(mcfg(run_model, text_file, trained, tmp_path / "small"), log=lambda s: None)
+    assert not (tmp_path / "small").exists()
+    args = ["merge", "--model", str(run_model), "--adapter", str(trained), "--out", str(tmp_path / "small"),
+            "--eval-data", str(text_file), "--seq-len", "32", "--calib-tokens", "256"]
+    assert main(args) == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(args + ["--force", "--no-eval"]) == 0 and (tmp_path / "small" / "model.safetensors").is_file()
+
+
+def test_short_calibration_text_is_refused(run_model, text_file, trained, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only. " * 20)
+    with pytest.raises(ValueError, match="short.txt: calibration text gives .* fewer than --calib-tokens 4096"):
+        merge(mcfg(run_model, text_file, trained, tmp_path / "o", calib_data=str(short), calib_tokens=4096),
+              log=lambda s: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gain_inside_the_noise_is_not_measurable(run_model, text_file, trained, tmp_path):
+    """An adapter that changes nothing: kept gain reads 'not measurable', not a ratio of noise."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qlora_kit.merge import _gain, format_report
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    with safe_open(str(trained / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) * (0 if "lora_B" in k else 1) for k in f.keys()}
+    save_file(tensors, str(zero / "adapter_model.safetensors"), metadata=meta)
+    (zero / "adapter_config.json").write_text((trained / "adapter_config.json").read_text())
+    report = merge(mcfg(run_model, text_file, zero, tmp_path / "o", format="bf16"), log=lambda s: None)
+    m = report["model_metrics"]
+    assert m["kept_gain"] is None and m["kept_gain_note"].startswith("not measurable")
+    assert "not measurable" in format_report(report)
+    real = merge(mcfg(run_model, text_file, trained, tmp_path / "r", format="bf16"), log=lambda s: None)
+    assert real["model_metrics"]["kept_gain"] is not None  # the trained adapter's gain stands out of the noise
+    # the rule itself: per-sequence (nll sum, tokens); gains of mixed sign around zero are noise
+    base = [(100.0, 50)] * 6
+    noisy = [(100.0 + d, 50) for d in (3, -2, 4, -3, 2, -3.5)]
+    ppl = {"base": 7.0, "unmerged": 6.99, "export": 6.995}
+    assert _gain(base, noisy, ppl)["kept_gain"] is None
+    steady = [(100.0 - d, 50) for d in (3, 2.5, 3.5, 3, 2.8, 3.1)]
+    assert abs(_gain(base, steady, ppl)["kept_gain"] - 0.5) < 1e-9

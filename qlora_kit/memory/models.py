@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import defaults, hub
-from ..config import FOUR_BIT, TrainConfig, one_line
+from ..config import FOUR_BIT, QuantConfig, TrainConfig, one_line
 from ..experts import ExpertStack, expert_parameters, place_stack
 from ..formats import packed_layout
 from ..layers import QuantLinear
@@ -80,12 +80,24 @@ def read_model_config(model: str, cache_dir: str | None = None):
 
 def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
     """The quantized model with LoRA, all on the meta device: exact shapes and dtypes, no storage."""
+    from ..patch import add_lora
+
+    model = meta_quantized(config, cfg.quant_config(device), device)
+    add_lora(model, config=cfg.lora_config())
+    return model
+
+
+def meta_quantized(config, qcfg: QuantConfig, device: str, file_order: list[str] | None = None) -> nn.Module:
+    """The quantized model load_quantized would build, on the meta device: exact shapes and dtypes, no storage.
+
+    file_order: the checkpoint's tensor names in file order; the loader places expert stacks in that order, and so
+    does this (the module order is part of the model's fingerprint).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from ..patch import add_lora, linear_names, set_submodule
+    from ..patch import linear_names, set_submodule
 
-    qcfg = cfg.quant_config(device)
     where = getattr(config, "qlora_config_path", "config")
     try:
         with torch.device("meta"):
@@ -107,12 +119,13 @@ def meta_model(config, cfg: TrainConfig, device: str) -> nn.Module:
         fan_in_fan_out = isinstance(dense, Conv1D)
         out_f, in_f = dense.weight.shape[::-1] if fan_in_fan_out else dense.weight.shape
         set_submodule(model, name, packed_linear(f"weight {name}", out_f, in_f, dense.bias, fan_in_fan_out))
-    for path, (transposed, whole, order) in expert_parameters(model).items():  # each expert packed on its own
+    rank = {n: i for i, n in enumerate(file_order or [])}
+    stacks = sorted(expert_parameters(model).items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    for path, (transposed, whole, order) in stacks:  # each expert packed on its own
         n_exp, d1, d2 = model.get_parameter(path).shape
         out_f, in_f = (d2, d1) if transposed else (d1, d2)
         experts = [packed_linear(f"each expert of {path}", out_f, in_f, None, transposed) for _ in range(n_exp)]
         place_stack(model, path, ExpertStack(experts, transposed, path.rpartition(".")[2], whole, order))
-    add_lora(model, config=cfg.lora_config())
     model.qlora_quant_config = qcfg
     return model
 

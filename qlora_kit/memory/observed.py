@@ -42,6 +42,18 @@ def rss_now() -> int:
         return 0
 
 
+def system_available() -> int | None:
+    """Memory the system can give this process without swapping (MemAvailable), in bytes; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def rss_peak() -> int:
     """The process's peak resident set (VmHWM), in bytes (Linux /proc; 0 elsewhere)."""
     try:

@@ -1,0 +1,181 @@
+"""Update-keeping requantization: codes on a fixed grid chosen with error feedback (GPTQ), and how much of
+an intended weight update a rounded weight really applies.
+
+A LoRA update is usually far smaller than one 4-bit step, so round-to-nearest snaps most merged weights
+back to their old codes. GPTQ rounds one input column at a time and pushes each column's rounding error
+onto the columns not yet rounded, weighted by the inverse of H = X^T X (the layer's calibration inputs),
+so the output error ||X (Q - W)^T|| stays small and a small update survives as a pattern of changed codes.
+
+Speed: rows are independent given H, so every layer that reads the same input (q/k/v, gate/up, the
+experts of one stack) and both candidate grids (the base's scales, fresh scales) are rounded in one
+stacked pass; the arithmetic is float32 with the paper's lazy-batch updates (columns in blocks of 128,
+the rest of the matrix updated once per block by a matmul), on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import formats
+from .config import QuantConfig
+
+
+class Grid:
+    """The export's grid for a stack of rows: per row, one scale per group of `group` input columns, and
+    the code values (a 4-bit table, or int8's integers -127..127 when table is None)."""
+
+    def __init__(self, scales: Tensor, group: int, table: Tensor | None = None):
+        self.scales, self.group = scales.float().clamp_min(1e-12), group  # (rows, in / group)
+        self.table = table
+        if table is not None:
+            values, self.perm = table.float().sort()
+            self.values = values.to(scales.device)
+            self.mids = (values[1:] + values[:-1]).to(scales.device) / 2  # nearest code: a bucket between midpoints
+            self.perm = self.perm.to(scales.device)
+
+    @classmethod
+    def four_bit(cls, table: Tensor, block_scales: Tensor, shape: tuple[int, int], blocksize: int) -> Grid:
+        """bitsandbytes' 4-bit layout: blocks of `blocksize` consecutive values of the row-major (out, in) weight."""
+        out_f, in_f = shape
+        if in_f % blocksize == 0:
+            return cls(block_scales.view(out_f, in_f // blocksize), blocksize, table)
+        index = torch.arange(out_f * in_f, device=block_scales.device) // blocksize  # blocks straddle rows
+        return cls(block_scales[index].view(out_f, in_f), 1, table)
+
+    @classmethod
+    def stack(cls, grids: list[Grid]) -> Grid:
+        """One grid for the rows of several (same group size and table)."""
+        g = grids[0]
+        if any(x.group != g.group for x in grids):  # mixed layouts: per-element scales for all
+            return cls(torch.cat([x.scales.repeat_interleave(x.group, dim=1) for x in grids]), 1, g.table)
+        return cls(torch.cat([x.scales for x in grids]), g.group, g.table)
+
+    def to(self, device: torch.device) -> Grid:
+        return Grid(self.scales.to(device), self.group, self.table)
+
+    def __call__(self, w: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        """The nearest grid value of column `col` of W, w (rows,), and its codes."""
+        s = self.scales[:, col // self.group]
+        x = w / s
+        if self.table is None:
+            codes = x.round_().clamp_(-127, 127)
+            return codes * s, codes
+        i = torch.bucketize(x, self.mids)
+        return self.values[i] * s, self.perm[i]
+
+
+def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: float = 0.01,
+               device: torch.device | str | None = None) -> Tensor:
+    """Codes (rows, in) for W on a fixed grid, chosen column by column with error feedback through H^-1.
+
+    The inverse Cholesky factor is computed in float64 (H of a few thousand tokens can be near singular);
+    the rounding loop runs in float32, on `device` (default: W's).
+    """
+    dev = torch.device(device) if device is not None else w.device
+    n = w.shape[1]
+    h = hessian.to(dev, torch.float64, copy=True)
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value works
+    h[dead, dead] = 1
+    h += damp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype, device=dev)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    del h
+    w = w.to(dev, torch.float32, copy=True)
+    grid = grid.to(dev)
+    codes = torch.empty(w.shape, dtype=torch.int16, device=dev)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, h1 = w[:, i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in w
+        err1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            q, c = grid(w1[:, i], i1 + i)
+            codes[:, i1 + i] = c
+            err = (w1[:, i] - q).div_(h1[i, i])
+            err1[:, i] = err
+            if i + 1 < i2 - i1:
+                w1[:, i + 1:].addr_(err, h1[i, i + 1:], alpha=-1)
+        if i2 < n:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    return codes.long().cpu()
+
+
+@dataclass
+class Rounded:
+    """One layer's export: packed tensors, their dequantized value, and which scales won."""
+
+    packed: dict[str, Tensor]
+    value: Tensor
+    scales: str
+
+
+def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str, Tensor] | None], q: QuantConfig,
+                     method: str, hessian: Tensor | None, device: torch.device | str | None = None) -> dict[str, Rounded]:
+    """The packed exports of weights that share one input statistics matrix H, rounded in one stacked pass.
+
+    Args:
+        merged: layer name -> merged (out, in) fp32 weight.
+        base_packed: layer name -> the trained layer's packed tensors when they are in q.quant (their scales
+            are a candidate grid: a small update then moves only the codes it must), else None.
+        method: 'gptq' or 'rtn'.
+    """
+    fresh = {n: formats.quantize(w, q) for n, w in merged.items()}
+    if method == "rtn":
+        return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh") for n, p in fresh.items()}
+    # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
+    # block's range), and the base's own; the lower output error on the calibration inputs wins
+    cands = [(n, "fresh", p) for n, p in fresh.items()]
+    cands += [(n, "base", p) for n, p in base_packed.items() if p is not None]
+    grids = []
+    for n, _, like in cands:
+        shape = tuple(merged[n].shape)
+        scales = formats.block_scales(like, q.quant, shape, q.blocksize)
+        grids.append(Grid(scales[:, None], shape[1]) if q.quant == "int8" else
+                     Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize))
+    codes = gptq_codes(torch.cat([merged[n] for n, _, _ in cands]), hessian, Grid.stack(grids), device=device)
+    best: dict[str, tuple[float, Rounded]] = {}
+    row = 0
+    h = hessian.float()
+    for n, label, like in cands:
+        w = merged[n]
+        c = codes[row:row + w.shape[0]]
+        row += w.shape[0]
+        packed = formats.pack_int8_codes(c, like) if q.quant == "int8" else formats.pack_4bit_codes(c, like)
+        value = _dequantize(packed, w.shape, q)
+        err = output_energy(value - w, h)  # ||X (Q - W')^T||^2 on the calibration inputs
+        if n not in best or err < best[n][0]:
+            best[n] = (err, Rounded(packed, value, label))
+    return {n: r for n, (_, r) in best.items()}
+
+
+def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:
+    return formats.dequantize(packed, q.quant, tuple(shape), q.blocksize, torch.float32)
+
+
+def output_energy(d: Tensor, h: Tensor) -> float:
+    """trace(D H D^T) = ||X D^T||^2 for H = X^T X."""
+    return float(((d @ h) * d).sum(dtype=torch.float64))
+
+
+def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
+    """How much of the intended update dW the export really applies (actual = its weight change).
+
+    Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
+    feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
+    """
+    a, b, h = actual.float(), intended.float(), hessian.float()
+    ah = a @ h
+
+    def dot(x: Tensor, y: Tensor) -> float:
+        return float((x * y).sum(dtype=torch.float64))
+
+    def cos_ratio(ab: float, aa: float, bb: float) -> tuple[float, float]:
+        if aa <= 0 or bb <= 0:
+            return 0.0, 0.0
+        return round(ab / math.sqrt(aa * bb), 4), round(math.sqrt(aa / bb), 4)
+
+    w_cos, w_ratio = cos_ratio(dot(a, b), dot(a, a), dot(b, b))
+    o_cos, o_ratio = cos_ratio(dot(ah, b), dot(ah, a), output_energy(b, h))
+    return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
