@@ -145,7 +145,7 @@ def _plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Qua
     seq = cfg.seq_len
     rows = len(calib) + (0 if not cfg.eval else 3 * len(eval_set))
     acts = rows * seq * hidden * 4
-    logits = BATCH * seq * vocab * 4 * (1 if not cfg.eval else 4)  # base, unmerged, export and a softmax
+    logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
     outside, seen = 0, set()
     for n, p in model.named_parameters():
         if not n.startswith(name + ".") and id(p) not in seen:
@@ -314,16 +314,17 @@ class _Streamed:
         written = _written(model, self.parts.layers_name, self.dense)
         nll = {k: [] for k in streams}
         kl, diff2, ref2, tokens = 0.0, 0.0, 0.0, 0
-        for b, batch in enumerate(streams["base"].batches):
+        rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]
+        for b, r in rows:  # one sequence at a time: three (T, vocab) logits, not three minibatches of them
+            batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             logits = {}
             for k in ("base", "unmerged", "export"):
                 with _swapped(written if k == "export" else {}):
-                    full = blocks.head(model, layers, streams[k].hidden[b], batch, as_tuple)
+                    full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
                 lg, labels = full[:, :-1], batch["labels"][:, 1:]
                 loss = F.cross_entropy(lg.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="none").view(labels.shape)
-                nll[k] += [(float(loss[r].sum(dtype=torch.float64)), int((labels[r] != IGNORE_INDEX).sum()))
-                           for r in range(labels.shape[0])]
+                nll[k].append((float(loss.sum(dtype=torch.float64)), int((labels != IGNORE_INDEX).sum())))
                 if k != "base":
                     logits[k] = lg[labels != IGNORE_INDEX]
             ref, got = logits["unmerged"], logits["export"]
