@@ -157,13 +157,13 @@ def decoded_export(folder):
 @BOTH
 def test_merge_scores_its_export_the_same_on_either_path(monkeypatch, run_model, text_file, run_at_128, tmp_path,
                                                          avx512bf16):
-    """The merge report's perplexity of the export "as plain transformers loads it" equals the perplexity of
+    """The merge report's perplexity of the export (streamed through the stored values) equals the perplexity of
     the export's tensors decoded independently, whatever bitsandbytes believes about this CPU."""
     import bitsandbytes.nn.modules as bnb_modules
     from transformers import AutoTokenizer
 
     from qlora_kit.evaluate import score
-    from qlora_kit.merge import EVAL_BATCH, MergeConfig, _eval_and_calibration, merge
+    from qlora_kit.merge import BATCH, MergeConfig, _eval_and_calibration, merge
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16)  # read by every new Linear4bit
     cfg = MergeConfig(model=str(run_model), adapter=str(run_at_128), out=str(tmp_path / "out"), format="nf4",
@@ -172,8 +172,9 @@ def test_merge_scores_its_export_the_same_on_either_path(monkeypatch, run_model,
     assert json_blocksize(tmp_path / "out") == 128
     seqs, _ = _eval_and_calibration(cfg, AutoTokenizer.from_pretrained(run_model), log=lambda s: None)
     with torch.no_grad():
-        ppl, _ = score(decoded_export(tmp_path / "out"), seqs, EVAL_BATCH)
-    assert report["model_metrics"]["ppl_merged"] == pytest.approx(ppl, rel=1e-6)
+        ppl, _ = score(decoded_export(tmp_path / "out"), seqs, BATCH)
+    # streamed one sequence at a time through dense twins: another summation order than the batched reference
+    assert report["model_metrics"]["ppl_merged"] == pytest.approx(ppl, rel=2e-4)
 
 
 def json_blocksize(folder) -> int:
