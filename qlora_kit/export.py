@@ -51,8 +51,8 @@ def module_tensors(root: nn.Module, prefix: str, values: dict[str, object], cfg:
             yield from _linear_tensors(module, name, values.get(name), cfg, export_q, trained_dtype, dense)
             continue
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if id(p) in seen or pname in getattr(module, "_non_persistent_buffers_set", set()):
-                continue
+            if p.is_meta or id(p) in seen or pname in getattr(module, "_non_persistent_buffers_set", set()):
+                continue  # not read (yet), tied and already written, or not part of a checkpoint
             seen.add(id(p))
             yield (f"{name}.{pname}" if name else pname), (p.to(dense) if p.is_floating_point() else p)
 

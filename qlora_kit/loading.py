@@ -516,9 +516,11 @@ class CheckpointBlocks:
                     raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
             yield handles
 
-    def load(self, block: int | None) -> nn.Module:
-        """Read decoder block `block` (or, for None, everything outside the blocks); returns the block (or model)."""
-        groups = self.groups.get(block, [])
+    def load(self, block: int | None, skip: Iterable[str] = ()) -> nn.Module:
+        """Read decoder block `block` (or, for None, everything outside the blocks but the tensors named in
+        `skip`); returns the block (or the model)."""
+        skip = set(skip)
+        groups = [g for g in self.groups.get(block, []) if g.target not in skip]
         if block is not None:
             self.templates[block] = copy.deepcopy(self.layers[block])
         with self._open(dict.fromkeys(f for g in groups for f, _ in g.sources)) as handles:
@@ -529,12 +531,24 @@ class CheckpointBlocks:
             self._fill.finish_ties()
         missing = [n for n, t in [*module.named_parameters(remove_duplicate=False),
                                   *module.named_buffers(remove_duplicate=False)]
-                   if t.is_meta and (block is not None or not n.startswith(self.layers_name + "."))]
+                   if t.is_meta and n not in skip and (block is not None or not n.startswith(self.layers_name + "."))]
         if missing or self._fill.pending_bias:
             what = f"{prefix}{missing[0]}" if missing else f"{next(iter(self._fill.pending_bias))}.bias"
             raise ValueError(f"checkpoint is missing tensor {what!r} ({len(missing) or 1} in this part); "
                              "is the folder complete and its config.json the right one?")
         return module
+
+    def untied_ends(self) -> tuple[str, str] | None:
+        """(input embedding, output head) weight names when both are their own checkpoint tensors: the start of
+        a pass needs only the first, the end only the second."""
+        head = output_head(self.model)
+        embed = self.model.get_input_embeddings()
+        names = {id(m): n for n, m in self.model.named_modules()}
+        if head is None or embed is None or id(head) not in names or id(embed) not in names:
+            return None
+        pair = f"{names[id(embed)]}.weight", f"{names[id(head)]}.weight"
+        targets = {g.target for g in self.groups.get(None, [])}
+        return pair if pair[0] in targets and pair[1] in targets else None
 
     def drop(self, block: int | None) -> None:
         """Put a loaded part back on the meta device (its memory is freed when nothing else holds it)."""

@@ -151,6 +151,9 @@ def _plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Qua
         if not n.startswith(name + ".") and id(p) not in seen:
             seen.add(id(p))
             outside += p.numel() * 4
+    ends = parts.untied_ends()
+    if ends:  # an untied embedding and head are never in memory together
+        outside -= min(model.get_parameter(n).numel() for n in ends) * 4
     block_peak = 0
     for block in model.get_submodule(name):
         packed = sum(b.numel() * b.element_size() for b in block.buffers()) + sum(
@@ -205,8 +208,8 @@ class _Streamed:
 
     def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None, progress: _Progress) -> list:
         parts, model, layers = self.parts, self.parts.model, self.parts.layers
-        seen: set[int] = set()
-        parts.load(None)
+        ends = parts.untied_ends()  # an untied head is read only at the end, the embedding only at the start
+        parts.load(None, skip=ends[1:] if ends else ())
         cal = blocks.start(model, layers, _batches(calib))
         streams = {}
         if eval_set is not None:
@@ -214,28 +217,36 @@ class _Streamed:
             streams["unmerged"] = _copy(streams["base"])
             with _swapped(_written(model, parts.layers_name, self.dense)):
                 streams["export"] = blocks.start(model, layers, _batches(eval_set))
-        for key, t in export.module_tensors(model, "", {}, self.cfg, self.export_q, self.trained_dtype, seen,
-                                            skip=parts.layers_name):
-            writer.add(key, t)
+        self._write_outside(writer)
         parts.drop(None)
         allocator.trim()
         rows, as_tuple = [], False
         for i in range(len(layers)):
-            rows += self._block(i, writer, cal, streams, seen)
+            rows += self._block(i, writer, cal, streams)
             as_tuple = self.as_tuple
             parts.drop(i)
             allocator.trim()
             self.peak_rss = max(self.peak_rss, rss_now())
             progress.step(i + 1)
         progress.done()
+        parts.load(None, skip=ends[:1] if ends else ())
+        self._write_outside(writer)  # what the start left out (an untied head)
         writer.close()
         if eval_set is not None:
-            parts.load(None)
-            self.metrics = self._metrics(streams, as_tuple)
-            parts.drop(None)
+            with _embedding_unread(model, ends):
+                self.metrics = self._metrics(streams, as_tuple)
+        parts.drop(None)
         return rows
 
-    def _block(self, i: int, writer: ShardWriter, cal: blocks.Stream, streams: dict, seen: set[int]) -> list:
+    def _write_outside(self, writer: ShardWriter) -> None:
+        """The tensors outside the blocks that are in memory and not yet written."""
+        # ties are found by identity within one call (both names alive at once); across calls, by key
+        for key, t in export.module_tensors(self.parts.model, "", {}, self.cfg, self.export_q, self.trained_dtype,
+                                            set(), skip=self.parts.layers_name):
+            if key not in writer.keys and not t.is_meta:
+                writer.add(key, t)
+
+    def _block(self, i: int, writer: ShardWriter, cal: blocks.Stream, streams: dict) -> list:
         parts, cfg = self.parts, self.cfg
         prefix = f"{parts.layers_name}.{i}."
         block = parts.load(i)
@@ -255,7 +266,7 @@ class _Streamed:
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
         values, rows = self._merged(lora, linears, base, stats, experts)
-        for key, t in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype, seen):
+        for key, t in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype, set()):
             writer.add(key, t)
         if streams:  # the export as a reader computes it: stored values, in fp32
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
@@ -465,6 +476,31 @@ def _swapped(values: dict[Tensor, Tensor]) -> Iterator[None]:
             t.data = d
 
 
+class _ZeroEmbedding(nn.Module):
+    """Stands in for an embedding not read at the end of a pass: the blocks' outputs are injected there, so
+    the model's embedding output is never used; zeros of the right shape keep its forward going."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.zeros(*ids.shape, self.dim)
+
+
+@contextlib.contextmanager
+def _embedding_unread(model: nn.Module, ends: tuple[str, str] | None) -> Iterator[None]:
+    if ends is None:
+        yield
+        return
+    embed = model.get_input_embeddings()
+    model.set_input_embeddings(_ZeroEmbedding(embed.weight.shape[1]))
+    try:
+        yield
+    finally:
+        model.set_input_embeddings(embed)
+
+
 def _batches(seqs: Sequences) -> list[dict]:
     return [seqs.select(slice(i, min(i + BATCH, len(seqs)))) for i in range(0, len(seqs), BATCH)]
 
@@ -556,7 +592,11 @@ def _eval_and_calibration(cfg: MergeConfig, tok, log) -> tuple[Sequences, Sequen
         raise ValueError(f"{source}: calibration text gives {len(calib) * cfg.seq_len} tokens in rows of {cfg.seq_len}, "
                          f"fewer than --calib-tokens {cfg.calib_tokens}; give more text (--calib-data) or lower "
                          "--calib-tokens")
-    return held.rows(slice(0, n_eval)), calib
+    ev, calib = held.rows(slice(0, n_eval)), calib
+    ev, calib = (Sequences(**{k: v.clone() for k, v in x.select(slice(None)).items()}) for x in (ev, calib))
+    del train_rows, held
+    allocator.trim()  # tokenizing the text left a few hundred MB of freed heap the merge should not keep
+    return ev, calib
 
 
 def format_report(report: dict) -> str:

@@ -245,7 +245,7 @@ def test_merge_holds_about_one_block_not_the_model(text_file, tmp_path):
         from transformers import LlamaConfig
         model = AutoModelForCausalLM.from_config(LlamaConfig(
             vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=n, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None))
         model.save_pretrained(folder, max_shard_size="1MB")
         q = qk.load_quantized(folder)
@@ -262,6 +262,13 @@ def test_merge_holds_about_one_block_not_the_model(text_file, tmp_path):
         peaks[n] = obs.stop().allocated_peak
     block = (4 * 256 * 256 + 3 * 256 * 512) * 4  # one block's weights in fp32
     assert peaks[8] - peaks[2] < 2 * block, (peaks, block)
+    # the untied head, read only at the end, is written and scored like the rest
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "o8", dtype=torch.float32)
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "m8", dtype=torch.float32)
+    assert torch.equal(exported.lm_head.weight, source.lm_head.weight.to(torch.bfloat16).float())
+    assert torch.equal(exported.model.embed_tokens.weight, source.model.embed_tokens.weight.to(torch.bfloat16).float())
+    report = json.loads((tmp_path / "o8" / "merge_report.json").read_text())
+    assert report["model_metrics"]["ppl_merged"] == pytest.approx(report["model_metrics"]["ppl_unmerged"], rel=0.02)
 
 
 def test_plan_dry_run_and_refusal(run_model, text_file, trained, tmp_path, monkeypatch, capsys):
