@@ -5,8 +5,9 @@ the model's size. For each block: read its tensors from the checkpoint (quantize
 trained), add s*BA, run the calibration activations through it to collect each layer's input statistics
 H = X^T X (layers reading the same input share one), round or cast the merged weights, write them into
 the output shards and free the block. The calibration and evaluation activations are carried from block
-to block. The evaluation rows travel three ways at once (base, adapter unmerged, the export as stored),
-so the report's perplexities and KL cost no second model in memory.
+to block. The evaluation rows travel four ways at once (base, adapter unmerged, the export as stored,
+the export's format without the update), so the report's perplexities and KL cost no second model
+in memory.
 
 Requantization (`method="gptq"`, the default for 4/8-bit) keeps every block's scale from the base or
 takes fresh ones, and chooses codes by error feedback on the calibration inputs (see rounding.py), so a
@@ -143,7 +144,7 @@ def _plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Qua
     text = model.config.get_text_config()
     hidden, vocab = text.hidden_size, text.vocab_size
     seq = cfg.seq_len
-    rows = len(calib) + (0 if not cfg.eval else 3 * len(eval_set))
+    rows = len(calib) + (0 if not cfg.eval else 4 * len(eval_set))
     acts = rows * seq * hidden * 4
     logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
     outside, seen = 0, set()
@@ -217,6 +218,7 @@ class _Streamed:
             streams["unmerged"] = _copy(streams["base"])
             with _swapped(_written(model, parts.layers_name, self.dense)):
                 streams["export"] = blocks.start(model, layers, _batches(eval_set))
+            streams["export_base"] = _copy(streams["export"])
         self._write_outside(writer)
         parts.drop(None)
         allocator.trim()
@@ -265,23 +267,27 @@ class _Streamed:
                 with _lora_off(with_lora.values()):
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
-        values, rows = self._merged(lora, linears, base, stats, experts)
+        values, olds, rows = self._merged(lora, linears, base, stats, experts)
         for key, t in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype, set()):
             writer.add(key, t)
         if streams:  # the export as a reader computes it: stored values, in fp32
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}
             del base
-            with _swapped(_written(block, None, self.dense)), \
-                    _twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
-                blocks.advance(block, i, streams["export"])
+            with _swapped(_written(block, None, self.dense)):
+                with _twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
+                    blocks.advance(block, i, streams["export"])
+                # and the export's format without the update: how far rounding alone moves perplexity
+                with _twins(block, prefix, linears, {**stored, **olds}, keep_lora=False, bias_dtype=self.dense):
+                    blocks.advance(block, i, streams["export_base"])
         return rows
 
     def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: _InputStats,
-                experts: set[str]) -> tuple[dict, list]:
-        """Each LoRA layer's export value (packed or dense) and report row, rounding shared-input groups together."""
+                experts: set[str]) -> tuple[dict, dict, list]:
+        """Each LoRA layer's export value (packed or dense), the fp32 value the export would hold without the
+        update, and its report row; layers sharing an input are rounded together."""
         cfg, q = self.cfg, self.export_q
-        values, rows = {}, []
+        values, olds, rows = {}, {}, []
         groups: dict[str, list[str]] = {}
         for n in lora:
             groups.setdefault(stats.key.get(n, n), []).append(n)
@@ -313,10 +319,12 @@ class _Streamed:
                     values[n] = r.packed
                 else:
                     out = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
-                    row.update(retained(merged[n].to(out).float() - src[n].to(out).float(), deltas[n], h))
+                    old = src[n].to(out).float()
+                    row.update(retained(merged[n].to(out).float() - old, deltas[n], h))
                     values[n] = merged[n].to(out)
+                olds[n] = old  # what the export would hold without the update
                 rows.append(row)
-        return values, rows
+        return values, olds, rows
 
     @torch.no_grad()
     def _metrics(self, streams: dict, as_tuple: bool) -> dict:
@@ -329,14 +337,14 @@ class _Streamed:
         for b, r in rows:  # one sequence at a time: three (T, vocab) logits, not three minibatches of them
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             logits = {}
-            for k in ("base", "unmerged", "export"):
-                with _swapped(written if k == "export" else {}):
+            for k in ("base", "unmerged", "export", "export_base"):
+                with _swapped(written if k.startswith("export") else {}):
                     full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
                 lg, labels = full[:, :-1], batch["labels"][:, 1:]
                 loss = F.cross_entropy(lg.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="none").view(labels.shape)
                 nll[k].append((float(loss.sum(dtype=torch.float64)), int((labels != IGNORE_INDEX).sum())))
-                if k != "base":
+                if k in ("unmerged", "export"):
                     logits[k] = lg[labels != IGNORE_INDEX]
             ref, got = logits["unmerged"], logits["export"]
             kl += float(F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum"))
@@ -347,13 +355,15 @@ class _Streamed:
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],
                "kl_merged_vs_unmerged": kl / max(tokens, 1), "logits_rel_err": round(math.sqrt(diff2 / max(ref2, 1e-30)), 6),
                "eval_sequences": len(nll["base"]), "eval_tokens": tokens}
-        out.update(_gain(nll["base"], nll["unmerged"], ppl))
+        out.update(_gain(nll["base"], nll["unmerged"], nll["export_base"], ppl))
         return out
 
 
-def _gain(base: list[tuple[float, int]], unmerged: list[tuple[float, int]], ppl: dict) -> dict:
-    """The adapter's gain in nats/token with its standard error (paired over sequences), and the kept gain
-    when the gain stands out of that noise."""
+def _gain(base: list[tuple[float, int]], unmerged: list[tuple[float, int]], export_base: list[tuple[float, int]],
+          ppl: dict) -> dict:
+    """The adapter's gain in nats/token, and the kept gain when the gain stands out of two noises: its standard
+    error (paired over sequences) and the export's rounding floor (how far the export's format moves the
+    base's loss with no update at all)."""
     n = len(base)
     count = sum(c for _, c in base)
     d = [(sb - su) for (sb, _), (su, _) in zip(base, unmerged, strict=True)]  # per sequence, nats
@@ -363,14 +373,18 @@ def _gain(base: list[tuple[float, int]], unmerged: list[tuple[float, int]], ppl:
         mean_c = count / n
         var = sum((dj - gain * c) ** 2 for dj, (_, c) in zip(d, base, strict=True)) / (n - 1)
         se = math.sqrt(var / n) / mean_c
-    measurable = n >= 2 and se == se and abs(gain) > NOISE_Z * se and abs(ppl["base"] - ppl["unmerged"]) > 1e-9
-    out = {"gain_nats_per_token": gain, "gain_standard_error": se}
+    floor = abs(sum(s for s, _ in export_base) - sum(s for s, _ in base)) / max(count, 1)
+    noise = max(se, floor) if se == se else math.nan
+    measurable = noise == noise and abs(gain) > NOISE_Z * noise and abs(ppl["base"] - ppl["unmerged"]) > 1e-9
+    out = {"gain_nats_per_token": gain, "gain_standard_error": se, "rounding_floor_nats_per_token": floor}
     if measurable:
         out["kept_gain"] = (ppl["base"] - ppl["export"]) / (ppl["base"] - ppl["unmerged"])
     else:
         out["kept_gain"] = None
-        out["kept_gain_note"] = (f"not measurable: base and unmerged differ by {gain:+.4f} nats/token, within "
-                                 f"{NOISE_Z:g} standard errors ({se:.4f}) on {n} sequences")
+        why = (f"within {NOISE_Z:g} standard errors ({se:.4f}) on {n} sequences" if se >= floor else
+               f"within {NOISE_Z:g}x the export's rounding floor ({floor:.4f}: the format alone moves the base's "
+               "loss that much)")
+        out["kept_gain_note"] = f"not measurable: base and unmerged differ by {gain:+.4f} nats/token, {why}"
     return out
 
 
@@ -627,7 +641,9 @@ def format_report(report: dict) -> str:
                      f"unmerged {m['ppl_unmerged']:.2f}, merged {report['format']} export {m['ppl_merged']:.2f} -> "
                      f"kept {kept} of the adapter's gain")
         lines.append(f"adapter's gain: {m['gain_nats_per_token']:+.4f} nats/token, standard error "
-                     f"{m['gain_standard_error']:.4f}" + (f" ({m['kept_gain_note']})" if m.get("kept_gain_note") else ""))
+                     f"{m['gain_standard_error']:.4f}, the export format's own rounding floor "
+                     f"{m['rounding_floor_nats_per_token']:.4f}" +
+                     (f" ({m['kept_gain_note']})" if m.get("kept_gain_note") else ""))
         lines.append(f"merged vs unmerged logits: KL {m['kl_merged_vs_unmerged']:.4g} nats/token, "
                      f"relative error {m['logits_rel_err']:.3g}")
     if report.get("peak_rss_bytes"):

@@ -304,29 +304,40 @@ def test_short_calibration_text_is_refused(run_model, text_file, trained, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_a_gain_inside_the_noise_is_not_measurable(run_model, text_file, trained, tmp_path):
-    """An adapter that changes nothing: kept gain reads 'not measurable', not a ratio of noise."""
+def scaled_adapter(trained, folder, scale):
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from qlora_kit.merge import _gain, format_report
-    zero = tmp_path / "zero"
-    zero.mkdir()
+    folder.mkdir()
     with safe_open(str(trained / "adapter_model.safetensors"), "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) * (0 if "lora_B" in k else 1) for k in f.keys()}
-    save_file(tensors, str(zero / "adapter_model.safetensors"), metadata=meta)
-    (zero / "adapter_config.json").write_text((trained / "adapter_config.json").read_text())
-    report = merge(mcfg(run_model, text_file, zero, tmp_path / "o", format="bf16"), log=lambda s: None)
+        tensors = {k: f.get_tensor(k) * (scale if "lora_B" in k else 1) for k in f.keys()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=meta)
+    (folder / "adapter_config.json").write_text((trained / "adapter_config.json").read_text())
+    return folder
+
+
+def test_a_gain_inside_the_noise_is_not_measurable(run_model, text_file, trained, tmp_path):
+    """An adapter that changes nothing, and one whose update is far below bf16's rounding: kept gain reads
+    'not measurable', not a ratio of noise."""
+    from qlora_kit.merge import _gain, format_report
+
+    report = merge(mcfg(run_model, text_file, scaled_adapter(trained, tmp_path / "zero", 0), tmp_path / "o",
+                        format="bf16"), log=lambda s: None)
     m = report["model_metrics"]
     assert m["kept_gain"] is None and m["kept_gain_note"].startswith("not measurable")
     assert "not measurable" in format_report(report)
+    tiny = merge(mcfg(run_model, text_file, scaled_adapter(trained, tmp_path / "tiny", 1e-4), tmp_path / "t",
+                      format="bf16"), log=lambda s: None)["model_metrics"]
+    assert tiny["kept_gain"] is None and "rounding floor" in tiny["kept_gain_note"]
+    assert tiny["rounding_floor_nats_per_token"] > abs(tiny["gain_nats_per_token"]) / 2
     real = merge(mcfg(run_model, text_file, trained, tmp_path / "r", format="bf16"), log=lambda s: None)
     assert real["model_metrics"]["kept_gain"] is not None  # the trained adapter's gain stands out of the noise
     # the rule itself: per-sequence (nll sum, tokens); gains of mixed sign around zero are noise
     base = [(100.0, 50)] * 6
     noisy = [(100.0 + d, 50) for d in (3, -2, 4, -3, 2, -3.5)]
     ppl = {"base": 7.0, "unmerged": 6.99, "export": 6.995}
-    assert _gain(base, noisy, ppl)["kept_gain"] is None
+    assert _gain(base, noisy, base, ppl)["kept_gain"] is None
     steady = [(100.0 - d, 50) for d in (3, 2.5, 3.5, 3, 2.8, 3.1)]
-    assert abs(_gain(base, steady, ppl)["kept_gain"] - 0.5) < 1e-9
+    assert abs(_gain(base, steady, base, ppl)["kept_gain"] - 0.5) < 1e-9
+    rounded = [(100.0 + 2.0, 50)] * 6  # the export's format alone costs more than the gain
+    assert "rounding floor" in _gain(base, steady, rounded, ppl)["kept_gain_note"]
