@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .config import QuantConfig
+from .layers import QuantLinear
+from .patch import set_submodule
+
 
 class _Stop(Exception):
     pass
@@ -112,3 +116,102 @@ def head(model: nn.Module, layers: nn.ModuleList, hidden: Tensor, batch: dict, a
     with _standing_in(layers, lambda i, layer: _Inject(i, layer, hidden, as_tuple)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return logits.float()
+
+
+# ---- a block's weights, swapped for a while ----------------------------------------------------------
+
+@contextlib.contextmanager
+def twins(block: nn.Module, prefix: str, linears: dict[str, QuantLinear], weights: dict[str, Tensor],
+           keep_lora: bool, bias_dtype: torch.dtype = torch.float32) -> Iterator[dict[str, QuantLinear]]:
+    """Inside: every quantized linear of the block replaced by a dense fp32 twin holding `weights[name]` (so the
+    block's forward decodes nothing), with the layer's LoRA factors (keep_lora) or none; yields the twins."""
+    dense = QuantConfig(quant="none", compute_dtype=torch.float32)
+    twins = {}
+    for n, m in linears.items():
+        bias = None if m.bias is None else m.bias.to(bias_dtype).float()
+        twin = QuantLinear(m.in_features, m.out_features, {"weight": weights[n]}, dense, bias)
+        if keep_lora and m.lora_A is not None:
+            twin.lora_A, twin.lora_B = m.lora_A, m.lora_B
+            twin.r, twin.lora_alpha, twin.scaling, twin.rslora = m.r, m.lora_alpha, m.scaling, m.rslora
+        twins[n] = twin
+        set_submodule(block, n[len(prefix):], twin)
+    try:
+        yield twins
+    finally:
+        for n, m in linears.items():
+            set_submodule(block, n[len(prefix):], m)
+
+
+@contextlib.contextmanager
+def lora_off(layers) -> Iterator[None]:
+    layers = list(layers)
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.lora_enabled = True
+
+
+def written(root: nn.Module, skip: str | None, dtype: torch.dtype) -> dict[nn.Parameter, Tensor]:
+    """The fp32 values the export stores for root's floating-point tensors outside its linear layers (cast to
+    the export's dtype), for those the cast changes."""
+    out = {}
+    quantized = {n for n, m in root.named_modules() if isinstance(m, QuantLinear)}
+    for name, p in list(root.named_parameters()) + list(root.named_buffers()):
+        owner = name.rpartition(".")[0]
+        if p.is_meta or not p.is_floating_point() or owner in quantized or (skip and name.startswith(skip + ".")):
+            continue
+        cast = p.detach().to(dtype).float()
+        if not torch.equal(cast, p):
+            out[p] = cast
+    return out
+
+
+@contextlib.contextmanager
+def swapped(values: dict[Tensor, Tensor]) -> Iterator[None]:
+    """Tensors' data replaced by `values` inside."""
+    before = {}
+    for t, v in values.items():
+        before[t] = t.data
+        t.data = v
+    try:
+        yield
+    finally:
+        for t, d in before.items():
+            t.data = d
+
+
+class _ZeroEmbedding(nn.Module):
+    """Stands in for an embedding not read at the end of a pass: the blocks' outputs are injected there, so
+    the model's embedding output is never used; zeros of the right shape keep its forward going."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.zeros(*ids.shape, self.dim)
+
+
+@contextlib.contextmanager
+def embedding_unread(model: nn.Module, ends: tuple[str, str] | None) -> Iterator[None]:
+    if ends is None:
+        yield
+        return
+    embed = model.get_input_embeddings()
+    model.set_input_embeddings(_ZeroEmbedding(embed.weight.shape[1]))
+    try:
+        yield
+    finally:
+        model.set_input_embeddings(embed)
+
+
+def batches(seqs, size: int) -> list[dict]:
+    """Rows of a data.Sequences in minibatches of `size`."""
+    return [seqs.select(slice(i, min(i + size, len(seqs)))) for i in range(0, len(seqs), size)]
+
+
+def copy(stream: Stream) -> Stream:
+    return Stream([h.clone() for h in stream.hidden], stream.calls, stream.batches)

@@ -16,21 +16,17 @@ small update survives as a pattern of changed codes instead of being rounded awa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import allocator, blocks, defaults, export, formats
+from . import allocator, blocks, defaults, export, formats, merge_report
 from .adapters import BASE_QUANT, apply_adapter, read_adapter
 from .config import MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
@@ -39,13 +35,13 @@ from .io import ShardWriter, atomic_dir
 from .layers import QuantLinear
 from .loading import CheckpointBlocks, checkpoint_files, load_tokenizer
 from .loss import IGNORE_INDEX
-from .memory.observed import rss_now, system_available
-from .patch import lora_layers, set_submodule
-from .rounding import gptq_codes, requantize_group, retained  # noqa: F401  (gptq_codes: public)
+from .memory.observed import rss_now
+from .merge_report import format_report  # noqa: F401  (public: the printed report)
+from .patch import lora_layers
+from .rounding import InputStats, requantize_group, retained
 
 SHARD_BYTES = 2 * 2**30
 BATCH = 4  # rows per forward of the calibration and evaluation activations
-NOISE_Z = 2.0  # a gain smaller than this many standard errors is not measurable
 
 
 def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
@@ -77,13 +73,13 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     tok = load_tokenizer(src)
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
-    plan = _plan(parts, shapes, cfg, export_q, calib, eval_set)
-    log(format_plan(plan, cfg))
+    plan = merge_report.plan(parts, shapes, cfg, export_q, calib, eval_set, BATCH)
+    log(merge_report.format_plan(plan, cfg))
     if cfg.dry_run:
         return {"plan": plan}
     if plan["short_bytes"] > 0 and not cfg.force:
-        raise ValueError(f"{out}: the merge needs about {_gib(plan['peak_bytes'])} at its peak, but this machine has "
-                         f"{_gib(plan['available_bytes'])} available beyond what the process holds; use --force to try "
+        raise ValueError(f"{out}: the merge needs about {merge_report.gib(plan['peak_bytes'])} at its peak, but this machine has "
+                         f"{merge_report.gib(plan['available_bytes'])} available beyond what the process holds; use --force to try "
                          "anyway, or lower --calib-tokens / --eval-sequences (--no-eval)")
     log(f"merging {len(shapes['lora'])} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
         f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights, one block at a time")
@@ -98,14 +94,14 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     with atomic_dir(out) as tmp:
         job = _Streamed(parts, cfg, export_q, trained_dtype, method, Path(cfg.adapter), adapter_cfg, pairs, src)
         report["layers"] = job.run(ShardWriter(tmp, SHARD_BYTES), calib, None if not cfg.eval else eval_set,
-                                   _Progress(len(parts.layers), log, progress))
+                                   merge_report.Progress(len(parts.layers), log, progress))
         report["model_metrics"] = job.metrics
         report["peak_rss_bytes"] = job.peak_rss
         if not cfg.eval:
             report["model_metrics"] = {"skipped": "--no-eval: perplexity, kept gain and KL were not measured"}
         export.write_config(src, tmp, cfg, export_q, tok)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(format_report(report))
+    log(merge_report.format_report(report))
     return report
 
 
@@ -130,68 +126,6 @@ def _checked_shapes(parts: CheckpointBlocks, qcfg: QuantConfig, path: Path, adap
     return {"model": model, "lora": set(lora), "stacks": len(stacks)}
 
 
-def _plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: QuantConfig, calib: Sequences,
-          eval_set: Sequences) -> dict:
-    """Planned peak memory and output size, from the shapes alone.
-
-    peak = the process now + the largest of: the tensors outside the blocks (fp32) with the activations and
-    one minibatch of logits (at the start and the end); one block read as trained, its dense fp32 weights
-    and the export's (two blocks' worth), its input statistics and the rounding's working set, with the
-    activations.
-    """
-    model = shapes["model"]
-    name = parts.layers_name
-    text = model.config.get_text_config()
-    hidden, vocab = text.hidden_size, text.vocab_size
-    seq = cfg.seq_len
-    rows = len(calib) + (0 if not cfg.eval else 4 * len(eval_set))
-    acts = rows * seq * hidden * 4
-    logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
-    outside, seen = 0, set()
-    for n, p in model.named_parameters():
-        if not n.startswith(name + ".") and id(p) not in seen:
-            seen.add(id(p))
-            outside += p.numel() * 4
-    ends = parts.untied_ends()
-    if ends:  # an untied embedding and head are never in memory together
-        outside -= min(model.get_parameter(n).numel() for n in ends) * 4
-    block_peak = 0
-    for block in model.get_submodule(name):
-        packed = sum(b.numel() * b.element_size() for b in block.buffers()) + sum(
-            p.numel() * p.element_size() for p in block.parameters())
-        dense, stats, work = 0, 0, 0
-        inputs: dict[int, list[QuantLinear]] = {}
-        for m in block.modules():
-            if isinstance(m, QuantLinear):
-                dense += m.out_features * m.in_features * 4
-                inputs.setdefault(m.in_features, []).append(m)
-        for in_f, ms in inputs.items():
-            stats += in_f * in_f * 4
-            rows_stacked = 2 * max(m.out_features for m in ms) * min(len(ms), 3)  # a q/k/v or gate/up group, 2 grids
-            work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 4 * 3)  # H^-1 (fp64 + fp32), W, codes, errors
-        block_peak = max(block_peak, packed + 2 * dense + stats + work)
-    phase_peak = max(outside + logits, block_peak) + acts + 2 * BATCH * seq * max(hidden, 4 * hidden) * 4
-    now = rss_now()
-    available = system_available()
-    out_bytes = export.output_bytes(model, cfg, export_q)
-    return {"peak_bytes": now + phase_peak, "process_now_bytes": now, "outside_blocks_bytes": outside,
-            "block_bytes": block_peak, "activations_bytes": acts, "output_bytes": out_bytes,
-            "available_bytes": available,
-            "short_bytes": (phase_peak - available) if available is not None else 0,
-            "blocks": len(parts.layers)}
-
-
-def _gib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def format_plan(plan: dict, cfg: MergeConfig) -> str:
-    return (f"plan: {plan['blocks']} blocks; peak memory about {_gib(plan['peak_bytes'])} (the process now "
-            f"{_gib(plan['process_now_bytes'])} + one block {_gib(plan['block_bytes'])} or the tensors outside the "
-            f"blocks {_gib(plan['outside_blocks_bytes'])}, + activations {_gib(plan['activations_bytes'])}); "
-            f"available {_gib(plan['available_bytes'])}; output {_gib(plan['output_bytes'])} of {cfg.format}")
-
-
 # ---- the streamed merge --------------------------------------------------------------------------------
 
 class _Streamed:
@@ -207,18 +141,18 @@ class _Streamed:
         self.metrics: dict = {}
         self.peak_rss = 0
 
-    def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None, progress: _Progress) -> list:
+    def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None, progress: merge_report.Progress) -> list:
         parts, model, layers = self.parts, self.parts.model, self.parts.layers
         ends = parts.untied_ends()  # an untied head is read only at the end, the embedding only at the start
         parts.load(None, skip=ends[1:] if ends else ())
-        cal = blocks.start(model, layers, _batches(calib))
+        cal = blocks.start(model, layers, blocks.batches(calib, BATCH))
         streams = {}
         if eval_set is not None:
-            streams["base"] = blocks.start(model, layers, _batches(eval_set))
-            streams["unmerged"] = _copy(streams["base"])
-            with _swapped(_written(model, parts.layers_name, self.dense)):
-                streams["export"] = blocks.start(model, layers, _batches(eval_set))
-            streams["export_base"] = _copy(streams["export"])
+            streams["base"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
+            streams["unmerged"] = blocks.copy(streams["base"])
+            with blocks.swapped(blocks.written(model, parts.layers_name, self.dense)):
+                streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
+            streams["export_base"] = blocks.copy(streams["export"])
         self._write_outside(writer)
         parts.drop(None)
         allocator.trim()
@@ -235,7 +169,7 @@ class _Streamed:
         self._write_outside(writer)  # what the start left out (an untied head)
         writer.close()
         if eval_set is not None:
-            with _embedding_unread(model, ends):
+            with blocks.embedding_unread(model, ends):
                 self.metrics = self._metrics(streams, as_tuple)
         parts.drop(None)
         return rows
@@ -258,13 +192,13 @@ class _Streamed:
         stacks = {f"{prefix}{n}" for n in expert_stacks(block)}
         experts = {n for n in linears if n.rpartition(".")[0] in stacks}
         base = {n: m.dequantize(torch.float32) for n, m in linears.items()}  # the weights the adapter trained on
-        stats = _InputStats({n: n.rpartition(".")[0] for n in experts})
-        with _twins(block, prefix, linears, base, keep_lora=True) as twins:
+        stats = InputStats({n: n.rpartition(".")[0] for n in experts})
+        with blocks.twins(block, prefix, linears, base, keep_lora=True) as twins:
             with_lora = {n: t for n, t in twins.items() if t.lora_A is not None}
             with stats.collecting(with_lora):
                 self.as_tuple = blocks.advance(block, i, cal)
             if streams:
-                with _lora_off(with_lora.values()):
+                with blocks.lora_off(with_lora.values()):
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
         values, olds, rows = self._merged(lora, linears, base, stats, experts)
@@ -274,15 +208,15 @@ class _Streamed:
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}
             del base
-            with _swapped(_written(block, None, self.dense)):
-                with _twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
+            with blocks.swapped(blocks.written(block, None, self.dense)):
+                with blocks.twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
                     blocks.advance(block, i, streams["export"])
                 # and the export's format without the update: how far rounding alone moves perplexity
-                with _twins(block, prefix, linears, {**stored, **olds}, keep_lora=False, bias_dtype=self.dense):
+                with blocks.twins(block, prefix, linears, {**stored, **olds}, keep_lora=False, bias_dtype=self.dense):
                     blocks.advance(block, i, streams["export_base"])
         return rows
 
-    def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: _InputStats,
+    def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
                 experts: set[str]) -> tuple[dict, dict, list]:
         """Each LoRA layer's export value (packed or dense), the fp32 value the export would hold without the
         update, and its report row; layers sharing an input are rounded together."""
@@ -330,7 +264,7 @@ class _Streamed:
     def _metrics(self, streams: dict, as_tuple: bool) -> dict:
         """Perplexity of base, unmerged and export, the kept gain with its noise, KL and logits error."""
         model, layers = self.parts.model, self.parts.layers
-        written = _written(model, self.parts.layers_name, self.dense)
+        written = blocks.written(model, self.parts.layers_name, self.dense)
         nll = {k: [] for k in streams}
         kl, diff2, ref2, tokens = 0.0, 0.0, 0.0, 0
         rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]
@@ -338,7 +272,7 @@ class _Streamed:
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             logits = {}
             for k in ("base", "unmerged", "export", "export_base"):
-                with _swapped(written if k.startswith("export") else {}):
+                with blocks.swapped(written if k.startswith("export") else {}):
                     full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
                 lg, labels = full[:, :-1], batch["labels"][:, 1:]
                 loss = F.cross_entropy(lg.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -355,172 +289,8 @@ class _Streamed:
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],
                "kl_merged_vs_unmerged": kl / max(tokens, 1), "logits_rel_err": round(math.sqrt(diff2 / max(ref2, 1e-30)), 6),
                "eval_sequences": len(nll["base"]), "eval_tokens": tokens}
-        out.update(_gain(nll["base"], nll["unmerged"], nll["export_base"], ppl))
+        out.update(merge_report.gain(nll["base"], nll["unmerged"], nll["export_base"], ppl))
         return out
-
-
-def _gain(base: list[tuple[float, int]], unmerged: list[tuple[float, int]], export_base: list[tuple[float, int]],
-          ppl: dict) -> dict:
-    """The adapter's gain in nats/token, and the kept gain when the gain stands out of two noises: its standard
-    error (paired over sequences) and the export's rounding floor (how far the export's format moves the
-    base's loss with no update at all)."""
-    n = len(base)
-    count = sum(c for _, c in base)
-    d = [(sb - su) for (sb, _), (su, _) in zip(base, unmerged, strict=True)]  # per sequence, nats
-    gain = sum(d) / max(count, 1)
-    se = math.nan
-    if n >= 2 and count:
-        mean_c = count / n
-        var = sum((dj - gain * c) ** 2 for dj, (_, c) in zip(d, base, strict=True)) / (n - 1)
-        se = math.sqrt(var / n) / mean_c
-    floor = abs(sum(s for s, _ in export_base) - sum(s for s, _ in base)) / max(count, 1)
-    noise = max(se, floor) if se == se else math.nan
-    measurable = noise == noise and abs(gain) > NOISE_Z * noise and abs(ppl["base"] - ppl["unmerged"]) > 1e-9
-    out = {"gain_nats_per_token": gain, "gain_standard_error": se, "rounding_floor_nats_per_token": floor}
-    if measurable:
-        out["kept_gain"] = (ppl["base"] - ppl["export"]) / (ppl["base"] - ppl["unmerged"])
-    else:
-        out["kept_gain"] = None
-        why = (f"within {NOISE_Z:g} standard errors ({se:.4f}) on {n} sequences" if se >= floor else
-               f"within {NOISE_Z:g}x the export's rounding floor ({floor:.4f}: the format alone moves the base's "
-               "loss that much)")
-        out["kept_gain_note"] = f"not measurable: base and unmerged differ by {gain:+.4f} nats/token, {why}"
-    return out
-
-
-# ---- pieces ---------------------------------------------------------------------------------------------
-
-class _InputStats:
-    """H = sum of x x^T over the calibration tokens of each LoRA layer's input (adapter on). Layers that read
-    the same input tensor (q/k/v, gate/up) are found by identity and share one matrix, as do the experts of
-    one stack (their routed inputs together)."""
-
-    def __init__(self, stack_of: dict[str, str]):
-        self.stack_of = stack_of
-        self.h: dict[str, Tensor] = {}
-        self.key: dict[str, str] = dict(stack_of)
-        self.live: dict[tuple, tuple[Tensor, str]] = {}  # inputs of one call, held so their memory is not reused
-
-    def _hook(self, name: str):
-        def fn(module, args, output):
-            x = args[0]
-            if name not in self.key:
-                sig = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
-                self.key[name] = self.live.setdefault(sig, (x, name))[1]
-            key = self.key[name]
-            if key != name and name not in self.stack_of:
-                return  # its group's first layer has added this input already
-            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            if key not in self.h:
-                self.h[key] = torch.zeros(x.shape[1], x.shape[1])
-            self.h[key].addmm_(x.t(), x)
-        return fn
-
-    @contextlib.contextmanager
-    def collecting(self, layers: dict[str, nn.Module]) -> Iterator[None]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self.live.clear()
-
-
-@contextlib.contextmanager
-def _twins(block: nn.Module, prefix: str, linears: dict[str, QuantLinear], weights: dict[str, Tensor],
-           keep_lora: bool, bias_dtype: torch.dtype = torch.float32) -> Iterator[dict[str, QuantLinear]]:
-    """Inside: every quantized linear of the block replaced by a dense fp32 twin holding `weights[name]` (so the
-    block's forward decodes nothing), with the layer's LoRA factors (keep_lora) or none; yields the twins."""
-    dense = QuantConfig(quant="none", compute_dtype=torch.float32)
-    twins = {}
-    for n, m in linears.items():
-        bias = None if m.bias is None else m.bias.to(bias_dtype).float()
-        twin = QuantLinear(m.in_features, m.out_features, {"weight": weights[n]}, dense, bias)
-        if keep_lora and m.lora_A is not None:
-            twin.lora_A, twin.lora_B = m.lora_A, m.lora_B
-            twin.r, twin.lora_alpha, twin.scaling, twin.rslora = m.r, m.lora_alpha, m.scaling, m.rslora
-        twins[n] = twin
-        set_submodule(block, n[len(prefix):], twin)
-    try:
-        yield twins
-    finally:
-        for n, m in linears.items():
-            set_submodule(block, n[len(prefix):], m)
-
-
-@contextlib.contextmanager
-def _lora_off(layers) -> Iterator[None]:
-    layers = list(layers)
-    for m in layers:
-        m.lora_enabled = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.lora_enabled = True
-
-
-def _written(root: nn.Module, skip: str | None, dtype: torch.dtype) -> dict[nn.Parameter, Tensor]:
-    """The fp32 values the export stores for root's floating-point tensors outside its linear layers (cast to
-    the export's dtype), for those the cast changes."""
-    out = {}
-    quantized = {n for n, m in root.named_modules() if isinstance(m, QuantLinear)}
-    for name, p in list(root.named_parameters()) + list(root.named_buffers()):
-        owner = name.rpartition(".")[0]
-        if p.is_meta or not p.is_floating_point() or owner in quantized or (skip and name.startswith(skip + ".")):
-            continue
-        cast = p.detach().to(dtype).float()
-        if not torch.equal(cast, p):
-            out[p] = cast
-    return out
-
-
-@contextlib.contextmanager
-def _swapped(values: dict[Tensor, Tensor]) -> Iterator[None]:
-    """Tensors' data replaced by `values` inside."""
-    before = {}
-    for t, v in values.items():
-        before[t] = t.data
-        t.data = v
-    try:
-        yield
-    finally:
-        for t, d in before.items():
-            t.data = d
-
-
-class _ZeroEmbedding(nn.Module):
-    """Stands in for an embedding not read at the end of a pass: the blocks' outputs are injected there, so
-    the model's embedding output is never used; zeros of the right shape keep its forward going."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return torch.zeros(*ids.shape, self.dim)
-
-
-@contextlib.contextmanager
-def _embedding_unread(model: nn.Module, ends: tuple[str, str] | None) -> Iterator[None]:
-    if ends is None:
-        yield
-        return
-    embed = model.get_input_embeddings()
-    model.set_input_embeddings(_ZeroEmbedding(embed.weight.shape[1]))
-    try:
-        yield
-    finally:
-        model.set_input_embeddings(embed)
-
-
-def _batches(seqs: Sequences) -> list[dict]:
-    return [seqs.select(slice(i, min(i + BATCH, len(seqs)))) for i in range(0, len(seqs), BATCH)]
-
-
-def _copy(stream: blocks.Stream) -> blocks.Stream:
-    return blocks.Stream([h.clone() for h in stream.hidden], stream.calls, stream.batches)
 
 
 def _ratio(a: Tensor, b: Tensor) -> float:
@@ -544,37 +314,6 @@ class _SourceTensors:
                     w = h.get_tensor(key).float()
                 return w.t() if layer.fan_in_fan_out else w
         raise ValueError(f"{name}.weight is not in the source checkpoint")
-
-
-class _Progress:
-    """Per block: a live line on a terminal's stderr, otherwise a log line; elapsed, ETA and resident memory."""
-
-    def __init__(self, total: int, log, live: bool | None = None):
-        self.total, self.log = total, log
-        self.live = sys.stderr.isatty() if live is None else live
-        self.t0 = time.monotonic()
-
-    def step(self, k: int) -> None:
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / k * (self.total - k)
-        width = 20
-        bar = "#" * (width * k // self.total) + "." * (width - width * k // self.total)
-        line = (f"merge: block {k}/{self.total} [{bar}] {_clock(elapsed)} elapsed, ETA {_clock(eta)}, "
-                f"RSS {rss_now() / 2**30:.2f} GiB")
-        if self.live:
-            sys.stderr.write("\r" + line)
-            sys.stderr.flush()
-        else:
-            self.log(line)
-
-    def done(self) -> None:
-        if self.live:
-            sys.stderr.write("\n")
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 # ---- data and report --------------------------------------------------------------------------------------
@@ -613,40 +352,3 @@ def _eval_and_calibration(cfg: MergeConfig, tok, log) -> tuple[Sequences, Sequen
     return ev, calib
 
 
-def format_report(report: dict) -> str:
-    """The printed table: per layer, then the model."""
-    cal = report.get("calibration", {})
-    lines = [f"{'layer':<44} {'|dW|/|W|':>9} {'codes chg':>9} {'w cos':>6} {'w norm':>7} {'out cos':>7} "
-             f"{'out norm':>8}"]
-    lost = 0
-    for r in report["layers"]:
-        flag = ""
-        if r["output_cos"] < 0.5:
-            lost += 1
-            flag = "  update lost"
-        lines.append(f"{r['layer'][-44:]:<44} {r['update_rel']:>9.2e} {r.get('codes_changed', float('nan')):>9.4f} "
-                     f"{r['update_cos']:>6.3f} {r['update_norm_ratio']:>7.3f} {r['output_cos']:>7.3f} "
-                     f"{r['output_norm_ratio']:>8.3f}{flag}")
-    n = len(report["layers"])
-    lines.append(f"out cos / out norm: on the {cal.get('tokens', '?')} calibration tokens "
-                 f"({cal.get('sequences', '?')} sequences) the rounding was chosen on")
-    lines.append(f"{lost} of {n} layers kept less than half of their update's effect on the outputs (out cos < 0.5)"
-                 if lost else f"all {n} layers kept their update's effect on the outputs (out cos >= 0.5)")
-    m = report.get("model_metrics", {})
-    if "skipped" in m:
-        lines.append(f"model metrics: {m['skipped']}")
-    elif m:
-        kept = f"{100 * m['kept_gain']:.1f}%" if m["kept_gain"] is not None else "not measurable"
-        lines.append(f"held-out perplexity ({m['eval_sequences']} sequences): base {m['ppl_base']:.2f}, adapter "
-                     f"unmerged {m['ppl_unmerged']:.2f}, merged {report['format']} export {m['ppl_merged']:.2f} -> "
-                     f"kept {kept} of the adapter's gain")
-        lines.append(f"adapter's gain: {m['gain_nats_per_token']:+.4f} nats/token, standard error "
-                     f"{m['gain_standard_error']:.4f}, the export format's own rounding floor "
-                     f"{m['rounding_floor_nats_per_token']:.4f}" +
-                     (f" ({m['kept_gain_note']})" if m.get("kept_gain_note") else ""))
-        lines.append(f"merged vs unmerged logits: KL {m['kl_merged_vs_unmerged']:.4g} nats/token, "
-                     f"relative error {m['logits_rel_err']:.3g}")
-    if report.get("peak_rss_bytes"):
-        lines.append(f"peak resident memory seen between blocks: {report['peak_rss_bytes'] / 2**30:.2f} GiB "
-                     f"(planned {report['plan']['peak_bytes'] / 2**30:.2f} GiB)")
-    return "\n".join(lines)

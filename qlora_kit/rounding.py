@@ -14,11 +14,13 @@ the rest of the matrix updated once per block by a matmul), on a GPU when one is
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import formats
 from .config import QuantConfig
@@ -179,3 +181,40 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
     w_cos, w_ratio = cos_ratio(dot(a, b), dot(a, a), dot(b, b))
     o_cos, o_ratio = cos_ratio(dot(ah, b), dot(ah, a), output_energy(b, h))
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
+
+
+class InputStats:
+    """H = sum of x x^T over the calibration tokens of each LoRA layer's input (adapter on). Layers that read
+    the same input tensor (q/k/v, gate/up) are found by identity and share one matrix, as do the experts of
+    one stack (their routed inputs together)."""
+
+    def __init__(self, stack_of: dict[str, str]):
+        self.stack_of = stack_of
+        self.h: dict[str, Tensor] = {}
+        self.key: dict[str, str] = dict(stack_of)
+        self.live: dict[tuple, tuple[Tensor, str]] = {}  # inputs of one call, held so their memory is not reused
+
+    def _hook(self, name: str):
+        def fn(module, args, output):
+            x = args[0]
+            if name not in self.key:
+                sig = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+                self.key[name] = self.live.setdefault(sig, (x, name))[1]
+            key = self.key[name]
+            if key != name and name not in self.stack_of:
+                return  # its group's first layer has added this input already
+            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if key not in self.h:
+                self.h[key] = torch.zeros(x.shape[1], x.shape[1])
+            self.h[key].addmm_(x.t(), x)
+        return fn
+
+    @contextlib.contextmanager
+    def collecting(self, layers: dict[str, nn.Module]) -> Iterator[None]:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.live.clear()

@@ -272,8 +272,7 @@ def test_merge_holds_about_one_block_not_the_model(text_file, tmp_path):
 
 
 def test_plan_dry_run_and_refusal(run_model, text_file, trained, tmp_path, monkeypatch, capsys):
-    import sys
-    qm = sys.modules["qlora_kit.merge"]  # the package also exports the function merge
+    import qlora_kit.merge_report as mr
     from qlora_kit.cli import main
 
     lines = []
@@ -285,7 +284,7 @@ def test_plan_dry_run_and_refusal(run_model, text_file, trained, tmp_path, monke
     assert 0.8 < plan["output_bytes"] / written <= 1  # headers and quant-state blobs: 12% of this tiny export
     report = json.loads((tmp_path / "real" / "merge_report.json").read_text())
     assert "no-eval" in report["model_metrics"]["skipped"]
-    monkeypatch.setattr(qm, "system_available", lambda: 2**20)  # a machine with 1 MiB free
+    monkeypatch.setattr(mr, "system_available", lambda: 2**20)  # a machine with 1 MiB free
     with pytest.raises(ValueError, match="needs about .* at its peak, but this machine has 0.00 GiB available"):
         merge(mcfg(run_model, text_file, trained, tmp_path / "small"), log=lambda s: None)
     assert not (tmp_path / "small").exists()
@@ -319,7 +318,7 @@ def scaled_adapter(trained, folder, scale):
 def test_a_gain_inside_the_noise_is_not_measurable(run_model, text_file, trained, tmp_path):
     """An adapter that changes nothing, and one whose update is far below bf16's rounding: kept gain reads
     'not measurable', not a ratio of noise."""
-    from qlora_kit.merge import _gain, format_report
+    from qlora_kit.merge_report import format_report, gain
 
     report = merge(mcfg(run_model, text_file, scaled_adapter(trained, tmp_path / "zero", 0), tmp_path / "o",
                         format="bf16"), log=lambda s: None)
@@ -336,8 +335,8 @@ def test_a_gain_inside_the_noise_is_not_measurable(run_model, text_file, trained
     base = [(100.0, 50)] * 6
     noisy = [(100.0 + d, 50) for d in (3, -2, 4, -3, 2, -3.5)]
     ppl = {"base": 7.0, "unmerged": 6.99, "export": 6.995}
-    assert _gain(base, noisy, base, ppl)["kept_gain"] is None
+    assert gain(base, noisy, base, ppl)["kept_gain"] is None
     steady = [(100.0 - d, 50) for d in (3, 2.5, 3.5, 3, 2.8, 3.1)]
-    assert abs(_gain(base, steady, base, ppl)["kept_gain"] - 0.5) < 1e-9
+    assert abs(gain(base, steady, base, ppl)["kept_gain"] - 0.5) < 1e-9
     rounded = [(100.0 + 2.0, 50)] * 6  # the export's format alone costs more than the gain
-    assert "rounding floor" in _gain(base, steady, rounded, ppl)["kept_gain_note"]
+    assert "rounding floor" in gain(base, steady, rounded, ppl)["kept_gain_note"]

@@ -1,0 +1,178 @@
+"""What a merge will cost and what it kept: the plan before any work, the adapter's gain against its noise,
+the per-block progress line and the printed report."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from . import export
+from .config import MergeConfig, QuantConfig
+from .data import Sequences
+from .layers import QuantLinear
+from .loading import CheckpointBlocks
+from .memory.observed import rss_now, system_available
+
+NOISE_Z = 2.0  # a gain smaller than this many times its noise is not measurable
+
+
+def plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: QuantConfig, calib: Sequences,
+         eval_set: Sequences, batch: int) -> dict:
+    """Planned peak memory and output size, from the shapes alone.
+
+    peak = the process now + the largest of: the tensors outside the blocks (fp32) with the activations and
+    one minibatch of logits (at the start and the end); one block read as trained, its dense fp32 weights
+    and the export's (two blocks' worth), its input statistics and the rounding's working set, with the
+    activations.
+    """
+    model = shapes["model"]
+    name = parts.layers_name
+    text = model.config.get_text_config()
+    hidden, vocab = text.hidden_size, text.vocab_size
+    seq = cfg.seq_len
+    rows = len(calib) + (0 if not cfg.eval else 4 * len(eval_set))
+    acts = rows * seq * hidden * 4
+    logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
+    outside, seen = 0, set()
+    for n, p in model.named_parameters():
+        if not n.startswith(name + ".") and id(p) not in seen:
+            seen.add(id(p))
+            outside += p.numel() * 4
+    ends = parts.untied_ends()
+    if ends:  # an untied embedding and head are never in memory together
+        outside -= min(model.get_parameter(n).numel() for n in ends) * 4
+    block_peak = 0
+    for block in model.get_submodule(name):
+        packed = sum(b.numel() * b.element_size() for b in block.buffers()) + sum(
+            p.numel() * p.element_size() for p in block.parameters())
+        dense, stats, work = 0, 0, 0
+        inputs: dict[int, list[QuantLinear]] = {}
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                dense += m.out_features * m.in_features * 4
+                inputs.setdefault(m.in_features, []).append(m)
+        for in_f, ms in inputs.items():
+            stats += in_f * in_f * 4
+            rows_stacked = 2 * max(m.out_features for m in ms) * min(len(ms), 3)  # a q/k/v or gate/up group, 2 grids
+            work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 4 * 3)  # H^-1 (fp64 + fp32), W, codes, errors
+        block_peak = max(block_peak, packed + 2 * dense + stats + work)
+    phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
+    now = rss_now()
+    available = system_available()
+    out_bytes = export.output_bytes(model, cfg, export_q)
+    return {"peak_bytes": now + phase_peak, "process_now_bytes": now, "outside_blocks_bytes": outside,
+            "block_bytes": block_peak, "activations_bytes": acts, "output_bytes": out_bytes,
+            "available_bytes": available,
+            "short_bytes": (phase_peak - available) if available is not None else 0,
+            "blocks": len(parts.layers)}
+
+
+def gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(plan: dict, cfg: MergeConfig) -> str:
+    return (f"plan: {plan['blocks']} blocks; peak memory about {gib(plan['peak_bytes'])} (the process now "
+            f"{gib(plan['process_now_bytes'])} + one block {gib(plan['block_bytes'])} or the tensors outside the "
+            f"blocks {gib(plan['outside_blocks_bytes'])}, + activations {gib(plan['activations_bytes'])}); "
+            f"available {gib(plan['available_bytes'])}; output {gib(plan['output_bytes'])} of {cfg.format}")
+
+
+def gain(base: list[tuple[float, int]], unmerged: list[tuple[float, int]], export_base: list[tuple[float, int]],
+          ppl: dict) -> dict:
+    """The adapter's gain in nats/token, and the kept gain when the gain stands out of two noises: its standard
+    error (paired over sequences) and the export's rounding floor (how far the export's format moves the
+    base's loss with no update at all)."""
+    n = len(base)
+    count = sum(c for _, c in base)
+    d = [(sb - su) for (sb, _), (su, _) in zip(base, unmerged, strict=True)]  # per sequence, nats
+    gain = sum(d) / max(count, 1)
+    se = math.nan
+    if n >= 2 and count:
+        mean_c = count / n
+        var = sum((dj - gain * c) ** 2 for dj, (_, c) in zip(d, base, strict=True)) / (n - 1)
+        se = math.sqrt(var / n) / mean_c
+    floor = abs(sum(s for s, _ in export_base) - sum(s for s, _ in base)) / max(count, 1)
+    noise = max(se, floor) if se == se else math.nan
+    measurable = noise == noise and abs(gain) > NOISE_Z * noise and abs(ppl["base"] - ppl["unmerged"]) > 1e-9
+    out = {"gain_nats_per_token": gain, "gain_standard_error": se, "rounding_floor_nats_per_token": floor}
+    if measurable:
+        out["kept_gain"] = (ppl["base"] - ppl["export"]) / (ppl["base"] - ppl["unmerged"])
+    else:
+        out["kept_gain"] = None
+        why = (f"within {NOISE_Z:g} standard errors ({se:.4f}) on {n} sequences" if se >= floor else
+               f"within {NOISE_Z:g}x the export's rounding floor ({floor:.4f}: the format alone moves the base's "
+               "loss that much)")
+        out["kept_gain_note"] = f"not measurable: base and unmerged differ by {gain:+.4f} nats/token, {why}"
+    return out
+
+
+class Progress:
+    """Per block: a live line on a terminal's stderr, otherwise a log line; elapsed, ETA and resident memory."""
+
+    def __init__(self, total: int, log, live: bool | None = None):
+        self.total, self.log = total, log
+        self.live = sys.stderr.isatty() if live is None else live
+        self.t0 = time.monotonic()
+
+    def step(self, k: int) -> None:
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / k * (self.total - k)
+        width = 20
+        bar = "#" * (width * k // self.total) + "." * (width - width * k // self.total)
+        line = (f"merge: block {k}/{self.total} [{bar}] {clock(elapsed)} elapsed, ETA {clock(eta)}, "
+                f"RSS {rss_now() / 2**30:.2f} GiB")
+        if self.live:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        else:
+            self.log(line)
+
+    def done(self) -> None:
+        if self.live:
+            sys.stderr.write("\n")
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def format_report(report: dict) -> str:
+    """The printed table: per layer, then the model."""
+    cal = report.get("calibration", {})
+    lines = [f"{'layer':<44} {'|dW|/|W|':>9} {'codes chg':>9} {'w cos':>6} {'w norm':>7} {'out cos':>7} "
+             f"{'out norm':>8}"]
+    lost = 0
+    for r in report["layers"]:
+        flag = ""
+        if r["output_cos"] < 0.5:
+            lost += 1
+            flag = "  update lost"
+        lines.append(f"{r['layer'][-44:]:<44} {r['update_rel']:>9.2e} {r.get('codes_changed', float('nan')):>9.4f} "
+                     f"{r['update_cos']:>6.3f} {r['update_norm_ratio']:>7.3f} {r['output_cos']:>7.3f} "
+                     f"{r['output_norm_ratio']:>8.3f}{flag}")
+    n = len(report["layers"])
+    lines.append(f"out cos / out norm: on the {cal.get('tokens', '?')} calibration tokens "
+                 f"({cal.get('sequences', '?')} sequences) the rounding was chosen on")
+    lines.append(f"{lost} of {n} layers kept less than half of their update's effect on the outputs (out cos < 0.5)"
+                 if lost else f"all {n} layers kept their update's effect on the outputs (out cos >= 0.5)")
+    m = report.get("model_metrics", {})
+    if "skipped" in m:
+        lines.append(f"model metrics: {m['skipped']}")
+    elif m:
+        kept = f"{100 * m['kept_gain']:.1f}%" if m["kept_gain"] is not None else "not measurable"
+        lines.append(f"held-out perplexity ({m['eval_sequences']} sequences): base {m['ppl_base']:.2f}, adapter "
+                     f"unmerged {m['ppl_unmerged']:.2f}, merged {report['format']} export {m['ppl_merged']:.2f} -> "
+                     f"kept {kept} of the adapter's gain")
+        lines.append(f"adapter's gain: {m['gain_nats_per_token']:+.4f} nats/token, standard error "
+                     f"{m['gain_standard_error']:.4f}, the export format's own rounding floor "
+                     f"{m['rounding_floor_nats_per_token']:.4f}" +
+                     (f" ({m['kept_gain_note']})" if m.get("kept_gain_note") else ""))
+        lines.append(f"merged vs unmerged logits: KL {m['kl_merged_vs_unmerged']:.4g} nats/token, "
+                     f"relative error {m['logits_rel_err']:.3g}")
+    if report.get("peak_rss_bytes"):
+        lines.append(f"peak resident memory seen between blocks: {report['peak_rss_bytes'] / 2**30:.2f} GiB "
+                     f"(planned {report['plan']['peak_bytes'] / 2**30:.2f} GiB)")
+    return "\n".join(lines)
