@@ -10,10 +10,12 @@ Cases:
   780m        a random Llama of 783M parameters (hidden 1536, 24 layers, intermediate 4352, 24 heads / 8 KV,
               untied, SmolLM2's tokenizer), bf16 in 400 MB shards, with a random r=16 all-linear adapter;
               built once under --work
+  8b          the same for Llama-3.1-8B's shape (examples/configs/llama-3.1-8b.json; 16 GB of bf16 in 5 GB shards)
 
   python benchmarks/bench_merge.py --case 780m --formats bf16,nf4 --peft --json merge_780m.json
   python benchmarks/bench_merge.py --case quickstart --adapter runs/quickstart/adapter --formats nf4,int8,bf16
   --qlora-kit-tree DIR runs another checkout's qlora_kit (for a before / after comparison).
+  python benchmarks/bench_merge.py --plan examples/configs/llama-3.1-8b.json --formats bf16,nf4   (the plan alone)
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ CASE_780M = dict(hidden_size=1536, num_hidden_layers=24, intermediate_size=4352,
                  num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)
 
 
-def build_780m(work: Path) -> tuple[Path, Path]:
-    """The 780M model folder and its random adapter (built once, in a child process to keep this one small)."""
-    folder, adapter = work / "llama-780m", work / "adapter-780m"
+def build(case: str, work: Path) -> tuple[Path, Path]:
+    """A random model folder and its random adapter (built once, in a child process to keep this one small)."""
+    folder, adapter = work / f"llama-{case}", work / f"adapter-{case}"
     if (adapter / "adapter_config.json").is_file():
         return folder, adapter
+    if case == "780m":
+        config, shard = CASE_780M, "400MB"
+    else:  # Llama-3.1-8B's shape
+        config = json.loads((Path(__file__).resolve().parent.parent / "examples/configs/llama-3.1-8b.json").read_text())
+        config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
+        shard = "5GB"
     code = f"""
 import torch, qlora_kit as qk
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -46,9 +54,10 @@ from qlora_kit import defaults
 from qlora_kit.loading import load_tokenizer
 tok = load_tokenizer(defaults.model_folder("smollm2-135m"))
 torch.manual_seed(0)
-cfg = LlamaConfig(**{CASE_780M!r}, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+cfg = LlamaConfig(**{config!r})
+cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
 model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-model.save_pretrained({str(folder)!r}, max_shard_size="400MB")
+model.save_pretrained({str(folder)!r}, max_shard_size={shard!r})
 tok.save_pretrained({str(folder)!r})
 del model
 q = qk.load_quantized({str(folder)!r})
@@ -60,6 +69,28 @@ qk.save_adapter(q, {str(adapter)!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return folder, adapter
+
+
+def plan_only(config_path: str, fmt: str) -> dict:
+    """The merge's plan for a config.json alone (no checkpoint): `qlora-kit merge`'s defaults, nf4-trained base."""
+    import torch
+    from transformers import AutoConfig
+
+    from qlora_kit import merge_report
+    from qlora_kit.config import MergeConfig, QuantConfig
+    from qlora_kit.loading import decoder_layers
+    from qlora_kit.memory.models import meta_quantized
+
+    config = AutoConfig.from_pretrained(config_path)
+    model = meta_quantized(config, QuantConfig(quant="nf4", compute_dtype=torch.float32), "cpu")
+    name, _ = decoder_layers(model)
+    cfg = MergeConfig(adapter="-", out="-", format=fmt)
+    untied = None if config.tie_word_embeddings else ("model.embed_tokens.weight", "lm_head.weight")
+    q = QuantConfig(quant=fmt if cfg.quantized else "nf4", compute_dtype=torch.float32)
+    calib_rows = -(-cfg.calib_tokens // cfg.seq_len)
+    p = merge_report.plan(model, name, untied, cfg, q, calib_rows, cfg.eval_sequences, 4)
+    print(merge_report.format_plan(p, cfg))
+    return p
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
@@ -88,7 +119,7 @@ model.save_pretrained(out)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", choices=("quickstart", "780m"), default="780m")
+    p.add_argument("--case", choices=("quickstart", "780m", "8b"), default="780m")
     p.add_argument("--adapter", help="adapter folder (quickstart case)")
     p.add_argument("--formats", default="bf16,nf4", help="comma-separated export formats, each 'FMT' or 'FMT:METHOD'")
     p.add_argument("--eval-sequences", type=int, default=8)
@@ -97,11 +128,16 @@ def main() -> None:
     p.add_argument("--qlora-kit-tree", help="run the qlora_kit of this checkout instead")
     p.add_argument("--work", default="bench-merge-work")
     p.add_argument("--json")
+    p.add_argument("--plan", metavar="CONFIG", help="print the merge's planned peak for a config.json and stop")
     args = p.parse_args()
+    if args.plan:
+        for fmt in args.formats.split(","):
+            plan_only(args.plan, fmt.partition(":")[0])
+        return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    if args.case == "780m":
-        model, adapter = build_780m(work)
+    if args.case in ("780m", "8b"):
+        model, adapter = build(args.case, work)
     else:
         if not args.adapter:
             sys.exit("--case quickstart needs --adapter DIR (e.g. runs/quickstart/adapter)")

@@ -41,4 +41,9 @@ run fit-8b $py benchmarks/bench_fit.py --device cuda --model examples/configs/ll
     --gradient-checkpointing --batch-size 1 --json "$out/fit-8b.json"
 # one Qwen3-30B-A3B-shaped MoE layer (128 experts, top-8): quantized expert stacks vs PEFT target_parameters
 run moe $py benchmarks/bench_moe.py --device cuda --dtype bf16 --tokens 4096 --json "$out/moe.json"
+# merge at scale: the 780M case and Llama-3.1-8B's shape, bf16 and nf4 (update-keeping rounding on the GPU),
+# peak RSS and wall time, with PEFT's bf16 merge beside them
+run merge-780m $py benchmarks/bench_merge.py --case 780m --formats bf16,nf4 --peft --work "$out/merge-work" \
+    --json "$out/merge-780m.json"
+run merge-8b $py benchmarks/bench_merge.py --case 8b --formats nf4 --work "$out/merge-work" --json "$out/merge-8b.json"
 echo "results in $out/"

@@ -73,7 +73,8 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     tok = load_tokenizer(src)
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
-    plan = merge_report.plan(parts, shapes, cfg, export_q, calib, eval_set, BATCH)
+    plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
+                             len(eval_set), BATCH)
     log(merge_report.format_plan(plan, cfg))
     if cfg.dry_run:
         return {"plan": plan}

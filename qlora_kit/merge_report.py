@@ -7,31 +7,30 @@ import math
 import sys
 import time
 
+from torch import nn
+
 from . import export
 from .config import MergeConfig, QuantConfig
-from .data import Sequences
 from .layers import QuantLinear
-from .loading import CheckpointBlocks
 from .memory.observed import rss_now, system_available
 
 NOISE_Z = 2.0  # a gain smaller than this many times its noise is not measurable
 
 
-def plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: QuantConfig, calib: Sequences,
-         eval_set: Sequences, batch: int) -> dict:
-    """Planned peak memory and output size, from the shapes alone.
+def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None, cfg: MergeConfig,
+         export_q: QuantConfig, calib_rows: int, eval_rows: int, batch: int) -> dict:
+    """Planned peak memory and output size, from the shapes of the (meta) quantized model alone.
 
-    peak = the process now + the largest of: the tensors outside the blocks (fp32) with the activations and
-    one minibatch of logits (at the start and the end); one block read as trained, its dense fp32 weights
-    and the export's (two blocks' worth), its input statistics and the rounding's working set, with the
-    activations.
+    peak = the process now + the largest of: the tensors outside the blocks in fp32 (an untied embedding and
+    head one at a time) with one sequence's logits; one block read as trained, its dense fp32 weights and
+    the export's (two blocks' worth), its input statistics (one per group of layers sharing an input) and
+    the rounding's working set for its widest group; plus the carried activations.
     """
-    model = shapes["model"]
-    name = parts.layers_name
+    name = layers_name
     text = model.config.get_text_config()
     hidden, vocab = text.hidden_size, text.vocab_size
     seq = cfg.seq_len
-    rows = len(calib) + (0 if not cfg.eval else 4 * len(eval_set))
+    rows = calib_rows + (4 * eval_rows if cfg.eval else 0)
     acts = rows * seq * hidden * 4
     logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
     outside, seen = 0, set()
@@ -39,9 +38,8 @@ def plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Quan
         if not n.startswith(name + ".") and id(p) not in seen:
             seen.add(id(p))
             outside += p.numel() * 4
-    ends = parts.untied_ends()
-    if ends:  # an untied embedding and head are never in memory together
-        outside -= min(model.get_parameter(n).numel() for n in ends) * 4
+    if untied_ends:  # an untied embedding and head are never in memory together
+        outside -= min(model.get_parameter(n).numel() for n in untied_ends) * 4
     block_peak = 0
     for block in model.get_submodule(name):
         packed = sum(b.numel() * b.element_size() for b in block.buffers()) + sum(
@@ -53,9 +51,11 @@ def plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Quan
                 dense += m.out_features * m.in_features * 4
                 inputs.setdefault(m.in_features, []).append(m)
         for in_f, ms in inputs.items():
-            stats += in_f * in_f * 4
+            stats += in_f * in_f * 4 * math.ceil(len(ms) / 2)  # e.g. q/k/v, o, gate/up on the hidden size: 3 groups
             rows_stacked = 2 * max(m.out_features for m in ms) * min(len(ms), 3)  # a q/k/v or gate/up group, 2 grids
-            work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 4 * 3)  # H^-1 (fp64 + fp32), W, codes, errors
+            # H in fp64 and its Cholesky factors (transient), H^-1 in fp32; stacked W, codes (int16, then int64)
+            if cfg.resolved_method() == "gptq":
+                work = max(work, in_f * in_f * 20 + rows_stacked * in_f * 4 * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()
@@ -65,7 +65,7 @@ def plan(parts: CheckpointBlocks, shapes: dict, cfg: MergeConfig, export_q: Quan
             "block_bytes": block_peak, "activations_bytes": acts, "output_bytes": out_bytes,
             "available_bytes": available,
             "short_bytes": (phase_peak - available) if available is not None else 0,
-            "blocks": len(parts.layers)}
+            "blocks": len(model.get_submodule(name))}
 
 
 def gib(n: int | None) -> str:

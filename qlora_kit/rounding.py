@@ -83,7 +83,9 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
     dead = torch.diag(h) == 0  # inputs that were always zero: any value works
     h[dead, dead] = 1
     h += damp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype, device=dev)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    h = torch.linalg.cholesky(h)  # one float64 n x n matrix more at a time, not three
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True).float()
     del h
     w = w.to(dev, torch.float32, copy=True)
     grid = grid.to(dev)
