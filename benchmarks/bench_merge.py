@@ -93,11 +93,11 @@ def plan_only(config_path: str, fmt: str) -> dict:
     return p
 
 
-def run(cmd: list[str], env: dict | None = None) -> dict:
+def run(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     """Wall time and peak RSS (the kernel's ru_maxrss for the child) of one command."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, **(env or {})))
+                            env=dict(os.environ, **(env or {})), cwd=cwd)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -141,10 +141,12 @@ def main() -> None:
     else:
         if not args.adapter:
             sys.exit("--case quickstart needs --adapter DIR (e.g. runs/quickstart/adapter)")
-        model, adapter = "smollm2-135m", Path(args.adapter)
+        model, adapter = "smollm2-135m", Path(args.adapter).resolve()
     env = {"TRANSFORMERS_VERBOSITY": "error"}
-    if args.qlora_kit_tree:
-        env["PYTHONPATH"] = str(Path(args.qlora_kit_tree).resolve())
+    tree = None
+    if args.qlora_kit_tree:  # `python -m` puts the working folder first on sys.path: run from inside the tree
+        tree = str(Path(args.qlora_kit_tree).resolve())
+        env["PYTHONPATH"] = tree
     rows = []
     print(f"machine: {machine(torch.device('cpu'))}")
     for spec in args.formats.split(","):
@@ -154,7 +156,7 @@ def main() -> None:
                "--out", str(out), "--format", fmt, "--eval-sequences", str(args.eval_sequences), "--force"]
         cmd += ["--method", method] if method else []
         cmd += args.extra.split()
-        r = run(cmd, env)
+        r = run(cmd, env, tree)
         report = json.loads((out / "merge_report.json").read_text())
         m = report.get("model_metrics", {})
         row = {"side": "qlora-kit", "format": fmt, "method": report.get("method"), "wall_s": r["wall_s"],
