@@ -79,9 +79,10 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     if cfg.dry_run:
         return {"plan": plan}
     if plan["short_bytes"] > 0 and not cfg.force:
-        raise ValueError(f"{out}: the merge needs about {merge_report.gib(plan['peak_bytes'])} at its peak, but this machine has "
-                         f"{merge_report.gib(plan['available_bytes'])} available beyond what the process holds; use --force to try "
-                         "anyway, or lower --calib-tokens / --eval-sequences (--no-eval)")
+        need, have = merge_report.gib(plan["peak_bytes"]), merge_report.gib(plan["available_bytes"])
+        raise ValueError(f"{out}: the merge needs about {need} at its peak, but this machine has {have} available "
+                         "beyond what the process holds; use --force to try anyway, or lower --calib-tokens / "
+                         "--eval-sequences (--no-eval)")
     log(f"merging {len(shapes['lora'])} LoRA layers into {src} -> {cfg.format} ({method}), onto the "
         f"{'dequantized 4/8-bit' if cfg.onto == 'quantized' else 'original'} weights, one block at a time")
     if cfg.quantized and shapes["stacks"]:
@@ -141,8 +142,12 @@ class _Streamed:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # where the rounding runs
         self.metrics: dict = {}
         self.peak_rss = 0
+        self.as_tuple = False  # whether the model's blocks return tuples (seen on the first block)
+        # whether the export's format changes the base's linear weights (otherwise it stores the base's own codes)
+        self.floor_everywhere = not (cfg.quantized and cfg.format == parts.cfg.quant and cfg.onto == "quantized")
 
-    def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None, progress: merge_report.Progress) -> list:
+    def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None,
+            progress: merge_report.Progress) -> list:
         parts, model, layers = self.parts, self.parts.model, self.parts.layers
         ends = parts.untied_ends()  # an untied head is read only at the end, the embedding only at the start
         parts.load(None, skip=ends[1:] if ends else ())
@@ -151,9 +156,13 @@ class _Streamed:
         if eval_set is not None:
             streams["base"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
             streams["unmerged"] = blocks.copy(streams["base"])
-            with blocks.swapped(blocks.written(model, parts.layers_name, self.dense)):
+            cast = blocks.written(model, parts.layers_name, self.dense)
+            with blocks.swapped(cast):
                 streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
-            streams["export_base"] = blocks.copy(streams["export"])
+            if cast or self.floor_everywhere:
+                streams["export_base"] = blocks.copy(streams["export"])
+            # else the export's format holds the base's own values so far: that stream is forked from the base's
+            # at the first block where it does not (if any), and until then the rounding floor is exactly 0
         self._write_outside(writer)
         parts.drop(None)
         allocator.trim()
@@ -194,6 +203,9 @@ class _Streamed:
         experts = {n for n in linears if n.rpartition(".")[0] in stacks}
         base = {n: m.dequantize(torch.float32) for n, m in linears.items()}  # the weights the adapter trained on
         stats = InputStats({n: n.rpartition(".")[0] for n in experts})
+        cast = blocks.written(block, None, self.dense)
+        if streams and "export_base" not in streams and (cast or self.floor_everywhere or experts):
+            streams["export_base"] = blocks.copy(streams["base"])  # the two part here, before this block
         with blocks.twins(block, prefix, linears, base, keep_lora=True) as twins:
             with_lora = {n: t for n, t in twins.items() if t.lora_A is not None}
             with stats.collecting(with_lora):
@@ -209,12 +221,13 @@ class _Streamed:
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}
             del base
-            with blocks.swapped(blocks.written(block, None, self.dense)):
+            with blocks.swapped(cast):
                 with blocks.twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
                     blocks.advance(block, i, streams["export"])
-                # and the export's format without the update: how far rounding alone moves perplexity
-                with blocks.twins(block, prefix, linears, {**stored, **olds}, keep_lora=False, bias_dtype=self.dense):
-                    blocks.advance(block, i, streams["export_base"])
+                if "export_base" in streams:  # the export's format without the update: what rounding alone does
+                    with blocks.twins(block, prefix, linears, {**stored, **olds}, keep_lora=False,
+                                      bias_dtype=self.dense):
+                        blocks.advance(block, i, streams["export_base"])
         return rows
 
     def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
@@ -263,16 +276,20 @@ class _Streamed:
 
     @torch.no_grad()
     def _metrics(self, streams: dict, as_tuple: bool) -> dict:
-        """Perplexity of base, unmerged and export, the kept gain with its noise, KL and logits error."""
+        """Perplexity of base, unmerged and export (and the export's format without the update), the kept gain
+        with its noise, KL and logits error of export against unmerged."""
         model, layers = self.parts.model, self.parts.layers
         written = blocks.written(model, self.parts.layers_name, self.dense)
-        nll = {k: [] for k in streams}
+        nll = {k: [] for k in ("base", "unmerged", "export", "export_base")}
         kl, diff2, ref2, tokens = 0.0, 0.0, 0.0, 0
         rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]
-        for b, r in rows:  # one sequence at a time: three (T, vocab) logits, not three minibatches of them
+        for b, r in rows:  # one sequence at a time: (T, vocab) logits of one row, not of a minibatch
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             logits = {}
             for k in ("base", "unmerged", "export", "export_base"):
+                if k not in streams:  # the export's format never changed the base: its loss is the base's
+                    nll[k].append(nll["base"][-1])
+                    continue
                 with blocks.swapped(written if k.startswith("export") else {}):
                     full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
                 lg, labels = full[:, :-1], batch["labels"][:, 1:]
@@ -288,7 +305,8 @@ class _Streamed:
             tokens += ref.shape[0]
         ppl = {k: math.exp(sum(s for s, _ in v) / max(sum(c for _, c in v), 1)) for k, v in nll.items()}
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],
-               "kl_merged_vs_unmerged": kl / max(tokens, 1), "logits_rel_err": round(math.sqrt(diff2 / max(ref2, 1e-30)), 6),
+               "kl_merged_vs_unmerged": kl / max(tokens, 1),
+               "logits_rel_err": round(math.sqrt(diff2 / max(ref2, 1e-30)), 6),
                "eval_sequences": len(nll["base"]), "eval_tokens": tokens}
         out.update(merge_report.gain(nll["base"], nll["unmerged"], nll["export_base"], ppl))
         return out

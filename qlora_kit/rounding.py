@@ -87,22 +87,24 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
     h = torch.cholesky_inverse(h)
     hinv = torch.linalg.cholesky(h, upper=True).float()
     del h
-    w = w.to(dev, torch.float32, copy=True)
+    # input-major: column i of W is row i of wt, so each step reads and updates contiguous memory
+    wt = w.to(dev, torch.float32).t().contiguous()  # (in, rows)
     grid = grid.to(dev)
-    codes = torch.empty(w.shape, dtype=torch.int16, device=dev)
+    codes = torch.empty(wt.shape, dtype=torch.int16, device=dev)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, h1 = w[:, i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in w
+        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in wt
+        diag = torch.diagonal(h1).tolist()
         err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
-            q, c = grid(w1[:, i], i1 + i)
-            codes[:, i1 + i] = c
-            err = (w1[:, i] - q).div_(h1[i, i])
-            err1[:, i] = err
+            q, c = grid(w1[i], i1 + i)
+            codes[i1 + i] = c
+            err = torch.sub(w1[i], q, out=err1[i]).div_(diag[i])
             if i + 1 < i2 - i1:
-                w1[:, i + 1:].addr_(err, h1[i, i + 1:], alpha=-1)
+                w1[i + 1:].addr_(h1[i, i + 1:], err, alpha=-1)
         if i2 < n:
-            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    codes = codes.t()
     return codes.long().cpu()
 
 
