@@ -163,10 +163,14 @@ def written(root: nn.Module, skip: str | None, dtype: torch.dtype) -> dict[nn.Pa
         owner = name.rpartition(".")[0]
         if p.is_meta or not p.is_floating_point() or owner in quantized or (skip and name.startswith(skip + ".")):
             continue
-        cast = p.detach().to(dtype).float()
-        if not torch.equal(cast, p):
-            out[p] = cast
+        if _cast_changes(p, dtype):
+            out[p] = p.detach().to(dtype).float()
     return out
+
+
+def _cast_changes(t: Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting to `dtype` changes any value (checked a slice at a time: no whole copy in memory)."""
+    return any(not torch.equal(piece.to(dtype).float(), piece) for piece in t.detach().reshape(-1).split(1 << 22))
 
 
 @contextlib.contextmanager

@@ -24,8 +24,10 @@ def dense_dtype(cfg: MergeConfig) -> torch.dtype:
 
 
 def module_tensors(root: nn.Module, prefix: str, values: dict[str, object], cfg: MergeConfig, export_q: QuantConfig,
-                   trained_dtype: torch.dtype, seen: set[int], skip: str | None = None) -> Iterator[tuple[str, Tensor]]:
-    """(checkpoint key, tensor) for every tensor of `root` (named `prefix`) as the export stores it.
+                   trained_dtype: torch.dtype, seen: set[int],
+                   skip: str | None = None) -> Iterator[tuple[str, Tensor, torch.dtype]]:
+    """(checkpoint key, tensor, dtype to store it in) for every tensor of `root` (named `prefix`) as the export
+    stores it; the cast is left to the writer, so a large tensor is never held twice.
 
     values: layer name -> its merged value (a dense (out, in) tensor, or packed tensors in cfg.format);
     a linear layer not in it is converted as it is. `seen` holds tensors already written (tied weights
@@ -45,7 +47,7 @@ def module_tensors(root: nn.Module, prefix: str, values: dict[str, object], cfg:
                 value = values.get(f"{name}.{e}")
                 value = expert.dequantize(torch.float32) if value is None else value
                 mats.append(value.to(dense).t() if module.transposed else value.to(dense))
-            yield (f"{name}.weight" if module.replaces_module else name), torch.stack(mats)
+            yield (f"{name}.weight" if module.replaces_module else name), torch.stack(mats), dense
             continue
         if isinstance(module, QuantLinear):
             yield from _linear_tensors(module, name, values.get(name), cfg, export_q, trained_dtype, dense)
@@ -54,22 +56,21 @@ def module_tensors(root: nn.Module, prefix: str, values: dict[str, object], cfg:
             if p.is_meta or id(p) in seen or pname in getattr(module, "_non_persistent_buffers_set", set()):
                 continue  # not read (yet), tied and already written, or not part of a checkpoint
             seen.add(id(p))
-            yield (f"{name}.{pname}" if name else pname), (p.to(dense) if p.is_floating_point() else p)
+            yield (f"{name}.{pname}" if name else pname), p, (dense if p.is_floating_point() else p.dtype)
 
 
 def _linear_tensors(module: QuantLinear, name: str, value, cfg: MergeConfig, export_q: QuantConfig,
-                    trained_dtype: torch.dtype, dense: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+                    trained_dtype: torch.dtype, dense: torch.dtype) -> Iterator[tuple[str, Tensor, torch.dtype]]:
     if value is None:  # a layer the adapter did not touch
         value = export_value(module, cfg, export_q)
     if isinstance(value, dict):
         shape = (module.out_features, module.in_features)
         for k, t in formats.bnb_checkpoint_tensors(value, cfg.format, shape, export_q.blocksize, trained_dtype).items():
-            yield f"{name}.{k}", t
+            yield f"{name}.{k}", t, t.dtype
     else:
-        value = value.to(dense)
-        yield f"{name}.weight", (value.t() if module.fan_in_fan_out else value)
+        yield f"{name}.weight", (value.t().contiguous() if module.fan_in_fan_out else value), dense
     if module.bias is not None:
-        yield f"{name}.bias", module.bias.to(dense)
+        yield f"{name}.bias", module.bias, dense
 
 
 def export_value(module: QuantLinear, cfg: MergeConfig, export_q: QuantConfig) -> Tensor | dict[str, Tensor]:

@@ -127,19 +127,23 @@ class ShardWriter:
         self.size = 0
         self.total = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Append one tensor, cast to `dtype` on the way (a slice at a time: no whole cast copy in memory)."""
         if key in self.keys:
             raise ValueError(f"tensor {key!r} written twice")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {key!r}: dtype {t.dtype} cannot be stored in safetensors")
-        nbytes = t.numel() * t.element_size()
+        dtype = dtype or tensor.dtype
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be stored in safetensors")
+        t = tensor.detach().to("cpu").reshape(-1)
+        nbytes = t.numel() * dtype.itemsize
         if self.entries and self.size + nbytes > self.max:
             self._close_shard()
         if self.body is None:
             self.body = tempfile.TemporaryFile(dir=self.folder)
-        self._guard(lambda: self.body.write(t.reshape(-1).view(torch.uint8).numpy().data), "model.safetensors")
-        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+        for piece in t.split(1 << 22):
+            piece = piece.to(dtype).contiguous()
+            self._guard(lambda p=piece: self.body.write(p.view(torch.uint8).numpy().data), "model.safetensors")
+        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
                              "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
         self.total += nbytes

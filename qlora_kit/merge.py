@@ -187,10 +187,10 @@ class _Streamed:
     def _write_outside(self, writer: ShardWriter) -> None:
         """The tensors outside the blocks that are in memory and not yet written."""
         # ties are found by identity within one call (both names alive at once); across calls, by key
-        for key, t in export.module_tensors(self.parts.model, "", {}, self.cfg, self.export_q, self.trained_dtype,
-                                            set(), skip=self.parts.layers_name):
+        for key, t, dtype in export.module_tensors(self.parts.model, "", {}, self.cfg, self.export_q,
+                                                   self.trained_dtype, set(), skip=self.parts.layers_name):
             if key not in writer.keys and not t.is_meta:
-                writer.add(key, t)
+                writer.add(key, t, dtype)
 
     def _block(self, i: int, writer: ShardWriter, cal: blocks.Stream, streams: dict) -> list:
         parts, cfg = self.parts, self.cfg
@@ -215,8 +215,10 @@ class _Streamed:
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
         values, olds, rows = self._merged(lora, linears, base, stats, experts)
-        for key, t in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype, set()):
-            writer.add(key, t)
+        allocator.trim()  # the rounding's working set, handed back before the export's streams
+        for key, t, dtype in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype,
+                                                   set()):
+            writer.add(key, t, dtype)
         if streams:  # the export as a reader computes it: stored values, in fp32
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}

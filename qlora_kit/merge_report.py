@@ -53,9 +53,10 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
         for in_f, ms in inputs.items():
             stats += in_f * in_f * 4 * math.ceil(len(ms) / 2)  # e.g. q/k/v, o, gate/up on the hidden size: 3 groups
             rows_stacked = 2 * max(m.out_features for m in ms) * min(len(ms), 3)  # a q/k/v or gate/up group, 2 grids
-            # H in fp64 and its Cholesky factors (transient), H^-1 in fp32; stacked W, codes (int16, then int64)
+            # H copied and factored in fp32 (two n x n at a time, and H kept); stacked W twice, int16 codes, the
+            # errors and the candidates' decoded values
             if cfg.resolved_method() == "gptq":
-                work = max(work, in_f * in_f * 20 + rows_stacked * in_f * 4 * 4)
+                work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 4 * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()

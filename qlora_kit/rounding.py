@@ -72,21 +72,16 @@ class Grid:
 
 def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: float = 0.01,
                device: torch.device | str | None = None) -> Tensor:
-    """Codes (rows, in) for W on a fixed grid, chosen column by column with error feedback through H^-1.
+    """Codes (rows, in; int16) for W on a fixed grid, chosen column by column with error feedback through H^-1.
 
-    The inverse Cholesky factor is computed in float64 (H of a few thousand tokens can be near singular);
-    the rounding loop runs in float32, on `device` (default: W's).
+    The inverse Cholesky factor is computed in float32 after 1% damping, as GPTQ does (in float64 when float32
+    cannot factor H); the rounding loop runs in float32, on `device` (default: W's).
     """
     dev = torch.device(device) if device is not None else w.device
+    hinv = _inverse_factor(hessian.to(dev), damp, torch.float32)
+    if hinv is None:  # H too ill-conditioned for float32 even with damping: float64 (twice the memory)
+        hinv = _inverse_factor(hessian.to(dev), damp, torch.float64).float()
     n = w.shape[1]
-    h = hessian.to(dev, torch.float64, copy=True)
-    dead = torch.diag(h) == 0  # inputs that were always zero: any value works
-    h[dead, dead] = 1
-    h += damp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype, device=dev)
-    h = torch.linalg.cholesky(h)  # one float64 n x n matrix more at a time, not three
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True).float()
-    del h
     # input-major: column i of W is row i of wt, so each step reads and updates contiguous memory
     wt = w.to(dev, torch.float32).t().contiguous()  # (in, rows)
     grid = grid.to(dev)
@@ -105,7 +100,22 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
         if i2 < n:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
     codes = codes.t()
-    return codes.long().cpu()
+    return codes.contiguous().cpu()  # int16: a quarter of int64's memory for the stacked rows
+
+
+def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor | None:
+    """The upper Cholesky factor of H^-1 after damping (as GPTQ does), in `dtype`; None if it does not exist there."""
+    h = hessian.to(dtype, copy=True)
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value works
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    try:
+        h = torch.linalg.cholesky(h)  # one n x n matrix more at a time, not three
+        h = torch.cholesky_inverse(h)
+        h = torch.linalg.cholesky(h, upper=True)
+    except torch.linalg.LinAlgError:
+        return None
+    return None if not torch.isfinite(h).all() else h
 
 
 @dataclass

@@ -126,9 +126,9 @@ def test_gptq_with_identity_hessian_is_round_to_nearest_and_otherwise_beats_it()
     # round to nearest, independently: the table entry nearest to w / scale, element by element
     per_elem = scales[(torch.arange(out_f)[:, None] * in_f + torch.arange(in_f)[None]) // bs]  # (out, in)
     rtn = (w[..., None] / per_elem[..., None] - table).abs().argmin(-1)
-    assert torch.equal(gptq_codes(w, torch.eye(in_f), grid, damp=0.0), rtn)
+    assert torch.equal(gptq_codes(w, torch.eye(in_f), grid, damp=0.0).long(), rtn)
     x = torch.randn(512, in_f) @ torch.randn(in_f, in_f) * 0.2  # correlated inputs
-    codes = gptq_codes(w, x.t() @ x, grid)
+    codes = gptq_codes(w, x.t() @ x, grid).long()
     err_gptq = (x @ (table[codes] * per_elem - w).t()).norm()
     err_rtn = (x @ (table[rtn] * per_elem - w).t()).norm()
     assert err_gptq < 0.8 * err_rtn
