@@ -6,7 +6,7 @@ their own mappings, and those heaps fragment. Over a training step of many tenso
 holding about as much free memory as live (SmolLM2-135M, nf4, 4 x 512: 3.0 GiB allocated at the peak, 7.1 GiB
 resident). malloc_trim(0) returns every free page of every heap.
 
-Two uses: the streaming loader calls `trim` every 64 MiB of checkpoint read (loading._FreedMemory), and
+Three uses: the merge gives large blocks their own mappings (`own_mappings_from`); the streaming loader calls `trim` every 64 MiB of checkpoint read (loading._FreedMemory), and
 training on the CPU calls it at every decoder layer boundary, forward and backward (`release_between_layers`),
 which keeps the peak resident set near the allocator's peak at some cost in speed (the released pages are
 faulted in again when reused). Where there is no glibc these do nothing.
@@ -43,6 +43,28 @@ def trim() -> None:
     fn = _malloc_trim()
     if fn is not None:
         fn(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def own_mappings_from(nbytes: int) -> bool:
+    """Give every block of at least `nbytes` its own mapping, returned to the system when freed (glibc's
+    M_MMAP_THRESHOLD, fixed: glibc otherwise raises it up to 32 MiB as large blocks are freed, and then serves
+    them from heaps that fragment). For a job of few, large tensors (the merge) the resident set then follows
+    what is alive; many small ones would pay a page fault per allocation. Returns whether it took effect."""
+    fn = _mallopt()
+    return bool(fn is not None and fn(M_MMAP_THRESHOLD, nbytes))
 
 
 class _Released:

@@ -93,6 +93,7 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     if cfg.quantized and shapes["stacks"]:
         report["experts_exported_dense"] = {"stacks": shapes["stacks"], "dtype": cfg.dtype,
                                             "why": "transformers + bitsandbytes quantizes only nn.Linear layers"}
+    allocator.own_mappings_from(4 * 2**20)  # a block's tensors are 1-100 MB: freed, they go straight back
     with atomic_dir(out) as tmp:
         job = _Streamed(parts, cfg, export_q, trained_dtype, method, Path(cfg.adapter), adapter_cfg, pairs, src)
         report["layers"] = job.run(ShardWriter(tmp, SHARD_BYTES), calib, None if not cfg.eval else eval_set,
@@ -143,6 +144,7 @@ class _Streamed:
         self.metrics: dict = {}
         self.peak_rss = 0
         self.as_tuple = False  # whether the model's blocks return tuples (seen on the first block)
+        self.stacks: set[str] = set()  # the expert stacks of the current block
         # whether the export's format changes the base's linear weights (otherwise it stores the base's own codes)
         self.floor_everywhere = not (cfg.quantized and cfg.format == parts.cfg.quant and cfg.onto == "quantized")
 
@@ -199,8 +201,8 @@ class _Streamed:
         apply_adapter(parts.model, self.adapter, self.adapter_cfg, self.pairs, check_base=False, under=prefix)
         linears = {f"{prefix}{n}": m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
         lora = {n: m for n, m in linears.items() if m.lora_A is not None}
-        stacks = {f"{prefix}{n}" for n in expert_stacks(block)}
-        experts = {n for n in linears if n.rpartition(".")[0] in stacks}
+        self.stacks = {f"{prefix}{n}" for n in expert_stacks(block)}
+        experts = {n for n in linears if n.rpartition(".")[0] in self.stacks}
         base = {n: m.dequantize(torch.float32) for n, m in linears.items()}  # the weights the adapter trained on
         stats = InputStats({n: n.rpartition(".")[0] for n in experts})
         cast = blocks.written(block, None, self.dense)
@@ -214,30 +216,44 @@ class _Streamed:
                 with blocks.lora_off(with_lora.values()):
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
-        values, olds, rows = self._merged(lora, linears, base, stats, experts)
+        values, rows = self._merged(lora, linears, base, stats, experts)
+        del stats  # the input statistics: not needed past the rounding
         allocator.trim()  # the rounding's working set, handed back before the export's streams
         for key, t, dtype in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype,
                                                    set()):
             writer.add(key, t, dtype)
-        if streams:  # the export as a reader computes it: stored values, in fp32
+        if streams:  # the export as a reader computes it: stored values, in fp32; one set of them at a time
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}
-            del base
-            with blocks.swapped(cast):
-                with blocks.twins(block, prefix, linears, stored, keep_lora=False, bias_dtype=self.dense):
-                    blocks.advance(block, i, streams["export"])
-                if "export_base" in streams:  # the export's format without the update: what rounding alone does
-                    with blocks.twins(block, prefix, linears, {**stored, **olds}, keep_lora=False,
-                                      bias_dtype=self.dense):
-                        blocks.advance(block, i, streams["export_base"])
+            del values
+            with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
+                                                    bias_dtype=self.dense):
+                blocks.advance(block, i, streams["export"])
+            if "export_base" in streams:  # the export's format without the update: what rounding alone does
+                for n in lora:
+                    stored[n] = self._without_update(n, lora[n], base[n])
+                with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
+                                                        bias_dtype=self.dense):
+                    blocks.advance(block, i, streams["export_base"])
         return rows
 
-    def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
-                experts: set[str]) -> tuple[dict, dict, list]:
-        """Each LoRA layer's export value (packed or dense), the fp32 value the export would hold without the
-        update, and its report row; layers sharing an input are rounded together."""
+    def _without_update(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
+        """The fp32 weight the export would hold for layer n without the update: the trained (or original)
+        weights in the export's format."""
         cfg, q = self.cfg, self.export_q
-        values, olds, rows = {}, {}, []
+        src = self.original.weight(n, layer) if self.original else base
+        if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
+            return src.to(parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)).float()
+        if cfg.format == layer.quant and not self.original:
+            return base
+        return export.stored_value(formats.quantize(src, q), layer, cfg, q)
+
+    def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
+                experts: set[str]) -> tuple[dict, list]:
+        """Each LoRA layer's export value (packed or dense) and its report row; layers sharing an input are
+        rounded together."""
+        cfg, q = self.cfg, self.export_q
+        values, rows = {}, []
         groups: dict[str, list[str]] = {}
         for n in lora:
             groups.setdefault(stats.key.get(n, n), []).append(n)
@@ -258,23 +274,19 @@ class _Streamed:
                                                                                       layer.in_features]}
                 if self.original:
                     row["quant_err_rel"] = _ratio(base[n] - src[n], src[n])
+                old = self._without_update(n, layer, base[n])
                 if n in rounded:
                     r = rounded[n]
-                    # what the export would hold without the update: the trained weights, in the export's format
-                    old = base[n] if cfg.format == layer.quant and not self.original else export.stored_value(
-                        formats.quantize(src[n], q), layer, cfg, q)
                     row["scales"] = r.scales
                     row.update(retained(r.value - old, deltas[n], h))
                     row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
                     values[n] = r.packed
                 else:
                     out = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
-                    old = src[n].to(out).float()
                     row.update(retained(merged[n].to(out).float() - old, deltas[n], h))
                     values[n] = merged[n].to(out)
-                olds[n] = old  # what the export would hold without the update
                 rows.append(row)
-        return values, olds, rows
+        return values, rows
 
     @torch.no_grad()
     def _metrics(self, streams: dict, as_tuple: bool) -> dict:
