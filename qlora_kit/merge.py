@@ -237,6 +237,10 @@ class _Streamed:
                     blocks.advance(block, i, streams["export_base"])
         return rows
 
+    def _src(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
+        """The weight the update is added to: the trained (dequantized) one, or the checkpoint's original."""
+        return self.original.weight(n, layer) if self.original else base
+
     def _without_update(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
         """The fp32 weight the export would hold for layer n without the update: the trained (or original)
         weights in the export's format."""
@@ -261,15 +265,17 @@ class _Streamed:
             h = stats.h.get(key)
             if h is None:
                 h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
-            src = {n: self.original.weight(n, lora[n]) if self.original else base[n] for n in names}
-            deltas = {n: lora[n].delta_weight().detach().float() for n in names}
-            merged = {n: src[n] + deltas[n] for n in names}
             requant = [n for n in names if cfg.quantized and n not in experts]
-            rounded = requantize_group({n: merged[n] for n in requant},
-                                       {n: lora[n].packed() if lora[n].quant == q.quant else None for n in requant},
-                                       q, self.method, h, self.device) if requant else {}
+            # the layers rounded together are merged together; the others one at a time
+            merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
+            rounded = requantize_group(merged, {n: lora[n].packed() if lora[n].quant == q.quant else None
+                                                for n in requant}, q, self.method, h, self.device) if requant else {}
             for n in names:
                 layer = lora[n]
+                src = {n: self._src(n, layer, base[n])}
+                deltas = {n: layer.delta_weight().detach().float()}
+                if n not in merged:
+                    merged[n] = src[n] + deltas[n]
                 row = {"layer": n, "update_rel": _ratio(deltas[n], src[n]), "shape": [layer.out_features,
                                                                                       layer.in_features]}
                 if self.original:
@@ -283,8 +289,9 @@ class _Streamed:
                     values[n] = r.packed
                 else:
                     out = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
-                    row.update(retained(merged[n].to(out).float() - old, deltas[n], h))
-                    values[n] = merged[n].to(out)
+                    values[n] = merged.pop(n).to(out)
+                    row.update(retained(values[n].float() - old, deltas[n], h))
+                merged.pop(n, None)
                 rows.append(row)
         return values, rows
 

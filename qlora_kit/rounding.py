@@ -71,19 +71,20 @@ class Grid:
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: float = 0.01,
-               device: torch.device | str | None = None) -> Tensor:
+               device: torch.device | str | None = None, input_major: bool = False) -> Tensor:
     """Codes (rows, in; int16) for W on a fixed grid, chosen column by column with error feedback through H^-1.
 
     The inverse Cholesky factor is computed in float32 after 1% damping, as GPTQ does (in float64 when float32
-    cannot factor H); the rounding loop runs in float32, on `device` (default: W's).
+    cannot factor H); the rounding loop runs in float32, on `device` (default: W's). With input_major, `w` is
+    given as W^T (in, rows), float32 and contiguous, and is rounded in place (no copy of it is made).
     """
     dev = torch.device(device) if device is not None else w.device
     hinv = _inverse_factor(hessian.to(dev), damp, torch.float32)
     if hinv is None:  # H too ill-conditioned for float32 even with damping: float64 (twice the memory)
         hinv = _inverse_factor(hessian.to(dev), damp, torch.float64).float()
-    n = w.shape[1]
     # input-major: column i of W is row i of wt, so each step reads and updates contiguous memory
-    wt = w.to(dev, torch.float32).t().contiguous()  # (in, rows)
+    wt = w.to(dev) if input_major else w.to(dev, torch.float32).t().contiguous()  # (in, rows)
+    n = wt.shape[0]
     grid = grid.to(dev)
     codes = torch.empty(wt.shape, dtype=torch.int16, device=dev)
     for i1 in range(0, n, block):
@@ -150,7 +151,9 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
         scales = formats.block_scales(like, q.quant, shape, q.blocksize)
         grids.append(Grid(scales[:, None], shape[1]) if q.quant == "int8" else
                      Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize))
-    codes = gptq_codes(torch.cat([merged[n] for n, _, _ in cands]), hessian, Grid.stack(grids), device=device)
+    wt = torch.cat([merged[n].t() for n, _, _ in cands], dim=1)  # (in, all rows): the one copy the rounding uses
+    codes = gptq_codes(wt, hessian, Grid.stack(grids), device=device, input_major=True)
+    del wt
     best: dict[str, tuple[float, Rounded]] = {}
     row = 0
     h = hessian.float()
@@ -172,7 +175,7 @@ def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:
 
 def output_energy(d: Tensor, h: Tensor) -> float:
     """trace(D H D^T) = ||X D^T||^2 for H = X^T X."""
-    return float(((d @ h) * d).sum(dtype=torch.float64))
+    return float(torch.dot((d @ h).reshape(-1), d.reshape(-1)))
 
 
 def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
@@ -180,12 +183,12 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
 
     Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
     feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
+    Inner products are taken without elementwise temporaries (one (out, in) product at a time).
     """
     a, b, h = actual.float(), intended.float(), hessian.float()
-    ah = a @ h
 
     def dot(x: Tensor, y: Tensor) -> float:
-        return float((x * y).sum(dtype=torch.float64))
+        return float(torch.dot(x.reshape(-1), y.reshape(-1)))
 
     def cos_ratio(ab: float, aa: float, bb: float) -> tuple[float, float]:
         if aa <= 0 or bb <= 0:
@@ -193,7 +196,11 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
         return round(ab / math.sqrt(aa * bb), 4), round(math.sqrt(aa / bb), 4)
 
     w_cos, w_ratio = cos_ratio(dot(a, b), dot(a, a), dot(b, b))
-    o_cos, o_ratio = cos_ratio(dot(ah, b), dot(ah, a), output_energy(b, h))
+    ah = a @ h
+    ah_a, ah_b = dot(ah, a), dot(ah, b)
+    del ah
+    bh_b = dot(b @ h, b)
+    o_cos, o_ratio = cos_ratio(ah_b, ah_a, bh_b)
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
 
 
