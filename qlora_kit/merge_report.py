@@ -52,11 +52,12 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
                 inputs.setdefault(m.in_features, []).append(m)
         for in_f, ms in inputs.items():
             stats += in_f * in_f * 4 * math.ceil(len(ms) / 2)  # e.g. q/k/v, o, gate/up on the hidden size: 3 groups
-            rows_stacked = 2 * max(m.out_features for m in ms) * min(len(ms), 3)  # a q/k/v or gate/up group, 2 grids
-            # H copied and factored in fp32 (two n x n at a time, and H kept); stacked W twice, int16 codes, the
-            # errors and the candidates' decoded values
+            outs = sorted((m.out_features for m in ms), reverse=True)
+            rows_stacked = 2 * sum(outs[:2])  # the widest group rounded together (gate/up), both candidate grids
+            # H copied and factored in fp32 (two n x n at a time, and H kept); the stacked W^T (fp32) and its
+            # int16 codes; two layers' decoded candidates at a time
             if cfg.resolved_method() == "gptq":
-                work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 4 * 4)
+                work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 6 + 2 * outs[0] * in_f * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()
