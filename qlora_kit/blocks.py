@@ -77,9 +77,6 @@ class Stream:
     calls: list[dict] = field(default_factory=list)  # per minibatch: block index -> (args, kwargs)
     batches: list[dict] = field(default_factory=list)  # per minibatch: input_ids, attention_mask, labels
 
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.hidden)
-
 
 @torch.no_grad()
 def start(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) -> Stream:

@@ -309,6 +309,19 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+@contextlib.contextmanager
+def _open_files(files: Iterable[Path]) -> Iterator[dict]:
+    """safetensors handles by file, closed (unmapped) at the end of the block; a one-line error for a bad file."""
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for file in files:
+            try:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            except Exception as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+        yield handles
+
+
 class _StreamingFill:
     """Fill a meta skeleton from safetensors files, one tensor at a time."""
 
@@ -325,13 +338,7 @@ class _StreamingFill:
         self.ignored: list[str] = []
 
     def run(self, files: list[Path]) -> None:
-        handles = {}
-        with contextlib.ExitStack() as stack:
-            for file in files:
-                try:
-                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                except Exception as e:
-                    raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+        with _open_files(files) as handles:
             keys = [(file, key) for file, h in handles.items() for key in h.keys()]
             self.fill(_plan_groups(self.model, keys, self.expected, self.ignored), handles)
         self.finish()
@@ -494,7 +501,7 @@ class CheckpointBlocks:
         self._fill = _StreamingFill(self.model, self.targets, cfg, self.device)
         keys = []
         for file in self.files:
-            with self._open([file]) as handles:
+            with _open_files([file]) as handles:
                 keys += [(file, key) for key in handles[file].keys()]
         self.layers_name, self.layers = decoder_layers(self.model)
         groups = _plan_groups(self.model, keys, self._fill.expected, self._fill.ignored)
@@ -505,17 +512,6 @@ class CheckpointBlocks:
             self.groups.setdefault(int(m.group(1)) if m else None, []).append(group)
         self.templates = {}  # the meta modules a loaded part replaced, to drop it back
 
-    @contextlib.contextmanager
-    def _open(self, files: Iterable[Path]) -> Iterator[dict]:
-        with contextlib.ExitStack() as stack:
-            handles = {}
-            for file in files:
-                try:
-                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                except Exception as e:
-                    raise ValueError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
-            yield handles
-
     def load(self, block: int | None, skip: Iterable[str] = ()) -> nn.Module:
         """Read decoder block `block` (or, for None, everything outside the blocks but the tensors named in
         `skip`); returns the block (or the model)."""
@@ -523,7 +519,7 @@ class CheckpointBlocks:
         groups = [g for g in self.groups.get(block, []) if g.target not in skip]
         if block is not None:
             self.templates[block] = copy.deepcopy(self.layers[block])
-        with self._open(dict.fromkeys(f for g in groups for f, _ in g.sources)) as handles:
+        with _open_files(dict.fromkeys(f for g in groups for f, _ in g.sources)) as handles:
             self._fill.fill(groups, handles)
         module = self.model if block is None else self.layers[block]
         prefix = "" if block is None else f"{self.layers_name}.{block}."

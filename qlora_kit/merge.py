@@ -247,7 +247,7 @@ class _Streamed:
         cfg, q = self.cfg, self.export_q
         src = self.original.weight(n, layer) if self.original else base
         if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
-            return src.to(parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)).float()
+            return src.to(self.dense).float()
         if cfg.format == layer.quant and not self.original:
             return base
         return export.stored_value(formats.quantize(src, q), layer, cfg, q)
@@ -270,28 +270,24 @@ class _Streamed:
             merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
             rounded = requantize_group(merged, {n: lora[n].packed() if lora[n].quant == q.quant else None
                                                 for n in requant}, q, self.method, h, self.device) if requant else {}
+            del merged
             for n in names:
                 layer = lora[n]
-                src = {n: self._src(n, layer, base[n])}
-                deltas = {n: layer.delta_weight().detach().float()}
-                if n not in merged:
-                    merged[n] = src[n] + deltas[n]
-                row = {"layer": n, "update_rel": _ratio(deltas[n], src[n]), "shape": [layer.out_features,
-                                                                                      layer.in_features]}
+                src = self._src(n, layer, base[n])
+                delta = layer.delta_weight().detach().float()
+                row = {"layer": n, "update_rel": _ratio(delta, src), "shape": [layer.out_features, layer.in_features]}
                 if self.original:
-                    row["quant_err_rel"] = _ratio(base[n] - src[n], src[n])
+                    row["quant_err_rel"] = _ratio(base[n] - src, src)
                 old = self._without_update(n, layer, base[n])
                 if n in rounded:
                     r = rounded[n]
                     row["scales"] = r.scales
-                    row.update(retained(r.value - old, deltas[n], h))
+                    row.update(retained(r.value - old, delta, h))
                     row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
                     values[n] = r.packed
                 else:
-                    out = parse_dtype(cfg.format if not cfg.quantized else cfg.dtype)
-                    values[n] = merged.pop(n).to(out)
-                    row.update(retained(values[n].float() - old, deltas[n], h))
-                merged.pop(n, None)
+                    values[n] = (src + delta).to(self.dense)
+                    row.update(retained(values[n].float() - old, delta, h))
                 rows.append(row)
         return values, rows
 

@@ -57,6 +57,8 @@ class Grid:
         return cls(torch.cat([x.scales for x in grids]), g.group, g.table)
 
     def to(self, device: torch.device) -> Grid:
+        if self.scales.device == torch.device(device):
+            return self
         return Grid(self.scales.to(device), self.group, self.table)
 
     def __call__(self, w: Tensor, col: int) -> tuple[Tensor, Tensor]:

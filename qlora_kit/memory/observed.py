@@ -42,28 +42,26 @@ def rss_now() -> int:
         return 0
 
 
-def system_available() -> int | None:
-    """Memory the system can give this process without swapping (MemAvailable), in bytes; None if unknown."""
+def _proc_kib(path: str, field: str) -> int | None:
+    """A 'Field:  N kB' line of a /proc file, in bytes; None where it cannot be read."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def system_available() -> int | None:
+    """Memory the system can give this process without swapping (MemAvailable), in bytes; None if unknown."""
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
+
+
 def rss_peak() -> int:
     """The process's peak resident set (VmHWM), in bytes (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_kib("/proc/self/status", "VmHWM:") or 0
 
 
 def reset_rss_peak() -> bool:
