@@ -151,17 +151,25 @@ def lora_off(layers) -> Iterator[None]:
             m.lora_enabled = True
 
 
-def written(root: nn.Module, skip: str | None, dtype: torch.dtype) -> dict[nn.Parameter, Tensor]:
-    """The fp32 values the export stores for root's floating-point tensors outside its linear layers (cast to
-    the export's dtype), for those the cast changes."""
+def written(root: nn.Module, skip: str | None, store, prefix: str = "") -> dict[nn.Parameter, Tensor]:
+    """The fp32 values the export stores for root's floating-point tensors outside its linear layers, for those
+    the export changes. `store` is a dtype (the tensors are cast to it), or a function (checkpoint key, tensor)
+    -> the fp32 value a reader gets back, or None when that is the tensor itself."""
+    if isinstance(store, torch.dtype):
+        dtype = store
+
+        def store(key: str, t: Tensor) -> Tensor | None:
+            return t.detach().to(dtype).float() if _cast_changes(t, dtype) else None
+
     out = {}
     quantized = {n for n, m in root.named_modules() if isinstance(m, QuantLinear)}
     for name, p in list(root.named_parameters()) + list(root.named_buffers()):
         owner = name.rpartition(".")[0]
         if p.is_meta or not p.is_floating_point() or owner in quantized or (skip and name.startswith(skip + ".")):
             continue
-        if _cast_changes(p, dtype):
-            out[p] = p.detach().to(dtype).float()
+        value = store(prefix + name, p)
+        if value is not None:
+            out[p] = value
     return out
 
 

@@ -168,11 +168,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .merge import merge
+    from .merge import merge, report_path
 
     cfg = dataclass_from_args(args, MergeConfig)
     merge(cfg)
-    print(f"merged model written to {cfg.out} (report: {Path(cfg.out) / 'merge_report.json'})")
+    print(f"merged model written to {cfg.out} (report: {report_path(cfg)})")
 
 
 def _memory(args: argparse.Namespace) -> None:

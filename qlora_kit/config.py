@@ -24,7 +24,8 @@ FOUR_BIT = ("nf4", "fp4")
 QUANT_FORMATS = (*FOUR_BIT, "int8", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
-EXPORT_FORMATS = (*DTYPE_NAMES, *FOUR_BIT, "int8")
+GGUF_QUANTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # GGUF block types a merge writes (an --out ending .gguf)
+EXPORT_FORMATS = (*DTYPE_NAMES, *FOUR_BIT, "int8", *GGUF_QUANTS)
 MERGE_METHODS = ("auto", "gptq", "rtn")
 COMPUTE_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -80,7 +81,7 @@ class QuantConfig:
     value of magnitude >= threshold stay in 16-bit, the rest go through an int8 x int8 matmul."""
 
     def __post_init__(self) -> None:
-        choice(self.quant, QUANT_FORMATS, "quantization format")
+        choice(self.quant, (*QUANT_FORMATS, *GGUF_QUANTS), "quantization format")
         self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         if self.quant in FOUR_BIT:
             if (not isinstance(self.blocksize, int) or not 32 <= self.blocksize <= 4096
@@ -266,8 +267,10 @@ class MergeConfig:
 
     model: str = _opt("smollm2-135m", "base: HF model folder, Hub ID org/name[@rev], .gguf, or 'smollm2-135m'")
     adapter: str = _opt(MISSING, "adapter folder (PEFT layout)")
-    out: str = _opt(MISSING, "output model folder (refused if it exists, unless --force)")
-    format: str = _opt("nf4", "export format", choices=EXPORT_FORMATS)
+    out: str = _opt(MISSING, "output model folder, or a .gguf file for llama.cpp / Ollama (refused if it exists, "
+                             "unless --force)")
+    format: str = _opt("nf4", "export format: bf16/fp16/fp32, nf4/fp4/int8 (bitsandbytes folder), or a GGUF type "
+                              "q8_0/q4_0/q4_1/q5_0/q5_1 (with an --out ending in .gguf)", choices=EXPORT_FORMATS)
     method: str = _opt("auto", "requantization: gptq (error feedback on calibration data; what auto means) or "
                                "rtn (round to nearest)", choices=MERGE_METHODS)
     onto: str = _opt("quantized", "merge onto the dequantized 4/8-bit weights the adapter was trained on, or the "
@@ -277,7 +280,7 @@ class MergeConfig:
     eval_data: str = _opt("shakespeare", "held-out text for the perplexity report")
     eval_sequences: int = _opt(32, "held-out sequences scored")
     seq_len: int = _opt(128, "tokens per sequence")
-    dtype: str = _opt("bf16", "dtype of the unquantized tensors of a 4/8-bit export")
+    dtype: str = _opt("bf16", "dtype of the unquantized tensors of a bitsandbytes 4/8-bit export")
     eval: bool = _opt(True, "score base, unmerged adapter and export on the held-out rows (--no-eval: skip it, "
                             "for the largest models)")
     dry_run: bool = _opt(False, "print the planned peak memory and output size, then stop")
@@ -287,6 +290,11 @@ class MergeConfig:
     def __post_init__(self) -> None:
         choice(self.format, EXPORT_FORMATS, "export format")
         choice(self.method, MERGE_METHODS, "method")
+        if self.gguf and self.format in (*FOUR_BIT, "int8"):
+            raise ValueError(f"{self.out}: {self.format} is a bitsandbytes format and cannot be stored in GGUF; use "
+                             f"one of {', '.join(GGUF_QUANTS)} or bf16/fp16/fp32")
+        if not self.gguf and self.format in GGUF_QUANTS:
+            raise ValueError(f"{self.out}: {self.format} is a GGUF type; give --out a file name ending in .gguf")
         choice(self.onto, ("quantized", "original"), "--onto")
         if self.calib_tokens < 1 or self.seq_len < 1:
             raise ValueError("calib-tokens and seq-len must be >= 1")
@@ -295,6 +303,11 @@ class MergeConfig:
     @property
     def quantized(self) -> bool:
         return self.format not in DTYPE_NAMES
+
+    @property
+    def gguf(self) -> bool:
+        """Whether the export is one GGUF file (for llama.cpp, Ollama, LM Studio) rather than a folder."""
+        return str(self.out).endswith(".gguf")
 
     def resolved_method(self) -> str:
         if not self.quantized:

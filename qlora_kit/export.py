@@ -63,7 +63,9 @@ def _linear_tensors(module: QuantLinear, name: str, value, cfg: MergeConfig, exp
                     trained_dtype: torch.dtype, dense: torch.dtype) -> Iterator[tuple[str, Tensor, torch.dtype]]:
     if value is None:  # a layer the adapter did not touch
         value = export_value(module, cfg, export_q)
-    if isinstance(value, dict):
+    if isinstance(value, dict) and cfg.gguf:  # GGUF blocks, the file's own bytes
+        yield f"{name}.weight", value["blocks"], torch.uint8
+    elif isinstance(value, dict):
         shape = (module.out_features, module.in_features)
         for k, t in formats.bnb_checkpoint_tensors(value, cfg.format, shape, export_q.blocksize, trained_dtype).items():
             yield f"{name}.{k}", t, t.dtype

@@ -54,6 +54,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from . import gguf_types  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the second level of double quantization
@@ -73,6 +74,8 @@ def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if cfg.quant in gguf_types.TYPES:  # an export format: GGUF's blocks of 32 (llama.cpp's reference rounding)
+        return gguf_types.quantize(w, cfg.quant)
     if cfg.quant == "none":
         return {"weight": w.detach().to(cfg.compute_dtype).contiguous()}
     if cfg.quant == "int8":
@@ -171,6 +174,8 @@ def dequantize(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], bl
     definition, exactly, on every device)."""
     if quant == "none":
         return packed["weight"].to(dtype)
+    if quant in gguf_types.TYPES:
+        return gguf_types.dequantize(packed, quant, shape, dtype)
     if quant == "int8":
         codes = packed["weight"].reshape(-1)
         return _decode(lambda lo, hi, dst: dst.copy_(codes[lo:hi]), block_scales(packed, quant, shape, blocksize),
@@ -271,6 +276,8 @@ def packed_layout(out_features: int, in_features: int, cfg: QuantConfig) -> dict
     n = out_features * in_features
     if cfg.quant == "none":
         return {"weight": ((out_features, in_features), cfg.compute_dtype)}
+    if cfg.quant in gguf_types.TYPES:
+        return {"blocks": ((out_features, gguf_types.row_bytes(cfg.quant, in_features)), torch.uint8)}
     if cfg.quant == "int8":
         return {"weight": ((out_features, in_features), torch.int8), "scb": ((out_features,), torch.float32)}
     blocks = math.ceil(n / cfg.blocksize)

@@ -28,10 +28,11 @@ from torch import Tensor
 
 from . import allocator, blocks, defaults, export, formats, merge_report
 from .adapters import BASE_QUANT, apply_adapter, read_adapter
-from .config import MergeConfig, QuantConfig, parse_dtype
+from .config import GGUF_QUANTS, MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
 from .experts import expert_stacks
-from .io import ShardWriter, atomic_dir
+from .gguf_export import Target as GGUFTarget
+from .io import ShardWriter, atomic_dir, atomic_file, atomic_write_bytes
 from .layers import QuantLinear
 from .loading import CheckpointBlocks, checkpoint_files, load_tokenizer
 from .loss import IGNORE_INDEX
@@ -71,6 +72,8 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     shapes = _checked_shapes(parts, qcfg, Path(cfg.adapter), adapter_cfg, pairs, cfg, src)
     export_q = dataclasses.replace(qcfg, quant=cfg.format if cfg.quantized else qcfg.quant)
     tok = load_tokenizer(src)
+    target = (GGUFTarget(cfg, shapes["model"], parts.model.config, src, tok, shapes["stacks"]) if cfg.gguf
+              else None)  # refuses an unmappable model first
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
@@ -94,18 +97,35 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
         report["experts_exported_dense"] = {"stacks": shapes["stacks"], "dtype": cfg.dtype,
                                             "why": "transformers + bitsandbytes quantizes only nn.Linear layers"}
     allocator.own_mappings_from(4 * 2**20)  # a block's tensors are 1-100 MB: freed, they go straight back
-    with atomic_dir(out) as tmp:
-        job = _Streamed(parts, cfg, export_q, trained_dtype, method, Path(cfg.adapter), adapter_cfg, pairs, src)
-        report["layers"] = job.run(ShardWriter(tmp, SHARD_BYTES), calib, None if not cfg.eval else eval_set,
-                                   merge_report.Progress(len(parts.layers), log, progress))
-        report["model_metrics"] = job.metrics
-        report["peak_rss_bytes"] = job.peak_rss
-        if not cfg.eval:
-            report["model_metrics"] = {"skipped": "--no-eval: perplexity, kept gain and KL were not measured"}
-        export.write_config(src, tmp, cfg, export_q, tok)
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    job = _Streamed(parts, cfg, export_q, trained_dtype, method, Path(cfg.adapter), adapter_cfg, pairs, src, target)
+    progress_bar = merge_report.Progress(len(parts.layers), log, progress)
+    if target is not None:
+        report["gguf"] = target.summary()
+        with atomic_file(out) as tmp:
+            writer = target.writer(tmp)
+            _run(job, writer, calib, eval_set, progress_bar, report, cfg)
+            atomic_write_bytes(report_path(cfg), (json.dumps(report, indent=2) + "\n").encode())
+    else:
+        with atomic_dir(out) as tmp:
+            _run(job, ShardWriter(tmp, SHARD_BYTES), calib, eval_set, progress_bar, report, cfg)
+            export.write_config(src, tmp, cfg, export_q, tok)
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(merge_report.format_report(report))
     return report
+
+
+def report_path(cfg: MergeConfig) -> Path:
+    """Where the fidelity report goes: inside the export's folder, or beside a .gguf file."""
+    out = Path(cfg.out)
+    return out.with_name(out.name.removesuffix(".gguf") + ".merge_report.json") if cfg.gguf else out / "merge_report.json"
+
+
+def _run(job: _Streamed, writer, calib: Sequences, eval_set: Sequences, progress, report: dict, cfg: MergeConfig) -> None:
+    report["layers"] = job.run(writer, calib, None if not cfg.eval else eval_set, progress)
+    report["model_metrics"] = job.metrics
+    report["peak_rss_bytes"] = job.peak_rss
+    if not cfg.eval:
+        report["model_metrics"] = {"skipped": "--no-eval: perplexity, kept gain and KL were not measured"}
 
 
 # ---- checks and plan ---------------------------------------------------------------------------------
@@ -135,11 +155,15 @@ class _Streamed:
     """One pass over the blocks: merge, write, and carry the calibration and evaluation activations."""
 
     def __init__(self, parts: CheckpointBlocks, cfg: MergeConfig, export_q: QuantConfig, trained_dtype: torch.dtype,
-                 method: str, adapter: Path, adapter_cfg: dict, pairs: dict, src: Path):
+                 method: str, adapter: Path, adapter_cfg: dict, pairs: dict, src: Path,
+                 target: GGUFTarget | None = None):
         self.parts, self.cfg, self.export_q, self.trained_dtype = parts, cfg, export_q, trained_dtype
         self.method, self.adapter, self.adapter_cfg, self.pairs = method, adapter, adapter_cfg, pairs
         self.original = _SourceTensors(src) if cfg.onto == "original" else None
         self.dense = export.dense_dtype(cfg)
+        # what a reader gets back for the tensors outside the linear layers, and the dtype of stored biases
+        self.store = target.stored if target is not None else self.dense
+        self.bias_dtype = torch.float32 if target is not None else self.dense
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # where the rounding runs
         self.metrics: dict = {}
         self.peak_rss = 0
@@ -158,7 +182,7 @@ class _Streamed:
         if eval_set is not None:
             streams["base"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
             streams["unmerged"] = blocks.copy(streams["base"])
-            cast = blocks.written(model, parts.layers_name, self.dense)
+            cast = blocks.written(model, parts.layers_name, self.store)
             with blocks.swapped(cast):
                 streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
             if cast or self.floor_everywhere:
@@ -205,7 +229,7 @@ class _Streamed:
         experts = {n for n in linears if n.rpartition(".")[0] in self.stacks}
         base = {n: m.dequantize(torch.float32) for n, m in linears.items()}  # the weights the adapter trained on
         stats = InputStats({n: n.rpartition(".")[0] for n in experts})
-        cast = blocks.written(block, None, self.dense)
+        cast = blocks.written(block, None, self.store, prefix)
         if streams and "export_base" not in streams and (cast or self.floor_everywhere or experts):
             streams["export_base"] = blocks.copy(streams["base"])  # the two part here, before this block
         with blocks.twins(block, prefix, linears, base, keep_lora=True) as twins:
@@ -227,13 +251,13 @@ class _Streamed:
                                              m, cfg, self.export_q) for n, m in linears.items()}
             del values
             with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
-                                                    bias_dtype=self.dense):
+                                                    bias_dtype=self.bias_dtype):
                 blocks.advance(block, i, streams["export"])
             if "export_base" in streams:  # the export's format without the update: what rounding alone does
                 for n in lora:
                     stored[n] = self._without_update(n, lora[n], base[n])
                 with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
-                                                        bias_dtype=self.dense):
+                                                        bias_dtype=self.bias_dtype):
                     blocks.advance(block, i, streams["export_base"])
         return rows
 
@@ -252,6 +276,15 @@ class _Streamed:
             return base
         return export.stored_value(formats.quantize(src, q), layer, cfg, q)
 
+    def _base_grid(self, n: str, layer: QuantLinear, base: Tensor) -> dict[str, Tensor] | None:
+        """The packed base whose scales are the second candidate grid: the trained layer's own (same format),
+        the base rounded to the export's GGUF type, or none."""
+        if layer.quant == self.export_q.quant:
+            return layer.packed()
+        if self.export_q.quant in GGUF_QUANTS:
+            return formats.quantize(self._src(n, layer, base), self.export_q)
+        return None
+
     def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
                 experts: set[str]) -> tuple[dict, list]:
         """Each LoRA layer's export value (packed or dense) and its report row; layers sharing an input are
@@ -268,8 +301,8 @@ class _Streamed:
             requant = [n for n in names if cfg.quantized and n not in experts]
             # the layers rounded together are merged together; the others one at a time
             merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
-            rounded = requantize_group(merged, {n: lora[n].packed() if lora[n].quant == q.quant else None
-                                                for n in requant}, q, self.method, h, self.device) if requant else {}
+            rounded = requantize_group(merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, q,
+                                       self.method, h, self.device) if requant else {}
             del merged
             for n in names:
                 layer = lora[n]
@@ -296,7 +329,7 @@ class _Streamed:
         """Perplexity of base, unmerged and export (and the export's format without the update), the kept gain
         with its noise, KL and logits error of export against unmerged."""
         model, layers = self.parts.model, self.parts.layers
-        written = blocks.written(model, self.parts.layers_name, self.dense)
+        written = blocks.written(model, self.parts.layers_name, self.store)
         nll = {k: [] for k in ("base", "unmerged", "export", "export_base")}
         kl, diff2, ref2, tokens = 0.0, 0.0, 0.0, 0
         rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]

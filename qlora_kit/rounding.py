@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import formats
+from . import formats, gguf_types
 from .config import QuantConfig
 
 
 class Grid:
-    """The export's grid for a stack of rows: per row, one scale per group of `group` input columns, and
-    the code values (a 4-bit table, or int8's integers -127..127 when table is None)."""
+    """The export's grid for a stack of rows: per row, one scale per group of `group` input columns (and, for
+    GGUF's _1 types, one offset: value = table[code] * scale + offset), and the code values (a 4/5-bit table,
+    or the integers -127..127 of int8 and Q8_0 when table is None)."""
 
-    def __init__(self, scales: Tensor, group: int, table: Tensor | None = None):
+    def __init__(self, scales: Tensor, group: int, table: Tensor | None = None, offsets: Tensor | None = None):
         self.scales, self.group = scales.float().clamp_min(1e-12), group  # (rows, in / group)
+        self.offsets = None if offsets is None else offsets.float()
         self.table = table
         if table is not None:
             values, self.perm = table.float().sort()
@@ -52,18 +54,26 @@ class Grid:
     def stack(cls, grids: list[Grid]) -> Grid:
         """One grid for the rows of several (same group size and table)."""
         g = grids[0]
-        if any(x.group != g.group for x in grids):  # mixed layouts: per-element scales for all
-            return cls(torch.cat([x.scales.repeat_interleave(x.group, dim=1) for x in grids]), 1, g.table)
-        return cls(torch.cat([x.scales for x in grids]), g.group, g.table)
+        offsets = None if g.offsets is None else torch.cat([x.offsets for x in grids])
+        if any(x.group != g.group for x in grids):  # mixed layouts: per-element scales (and offsets) for all
+            if offsets is not None:
+                offsets = torch.cat([x.offsets.repeat_interleave(x.group, dim=1) for x in grids])
+            return cls(torch.cat([x.scales.repeat_interleave(x.group, dim=1) for x in grids]), 1, g.table, offsets)
+        return cls(torch.cat([x.scales for x in grids]), g.group, g.table, offsets)
 
     def to(self, device: torch.device) -> Grid:
         if self.scales.device == torch.device(device):
             return self
-        return Grid(self.scales.to(device), self.group, self.table)
+        return Grid(self.scales.to(device), self.group, self.table,
+                    None if self.offsets is None else self.offsets.to(device))
 
     def __call__(self, w: Tensor, col: int) -> tuple[Tensor, Tensor]:
         """The nearest grid value of column `col` of W, w (rows,), and its codes."""
         s = self.scales[:, col // self.group]
+        if self.offsets is not None:
+            o = self.offsets[:, col // self.group]
+            i = torch.bucketize((w - o) / s, self.mids)
+            return self.values[i] * s + o, self.perm[i]
         x = w / s
         if self.table is None:
             codes = x.round_().clamp_(-127, 127)
@@ -150,6 +160,10 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
     grids = []
     for n, _, like in cands:
         shape = tuple(merged[n].shape)
+        if q.quant in gguf_types.TYPES:  # GGUF blocks of 32: the f16 scales (and minima) the file will store
+            d, m, _ = gguf_types.fields(like, q.quant, shape)
+            grids.append(Grid(d, gguf_types.BLOCK, gguf_types.table(q.quant), m))
+            continue
         scales = formats.block_scales(like, q.quant, shape, q.blocksize)
         grids.append(Grid(scales[:, None], shape[1]) if q.quant == "int8" else
                      Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize))
@@ -163,12 +177,20 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
         w = merged[n]
         c = codes[row:row + w.shape[0]]
         row += w.shape[0]
-        packed = formats.pack_int8_codes(c, like) if q.quant == "int8" else formats.pack_4bit_codes(c, like)
+        packed = _pack(c, like, q.quant, tuple(w.shape))
         value = _dequantize(packed, w.shape, q)
         err = output_energy(value - w, h)  # ||X (Q - W')^T||^2 on the calibration inputs
         if n not in best or err < best[n][0]:
             best[n] = (err, Rounded(packed, value, label))
     return {n: r for n, (_, r) in best.items()}
+
+
+def _pack(codes: Tensor, like: dict[str, Tensor], quant: str, shape: tuple[int, int]) -> dict[str, Tensor]:
+    """The packed form with these codes on the grid of `like`."""
+    if quant in gguf_types.TYPES:
+        d, m, _ = gguf_types.fields(like, quant, shape)
+        return gguf_types.pack(codes, d, m, quant)
+    return formats.pack_int8_codes(codes, like) if quant == "int8" else formats.pack_4bit_codes(codes, like)
 
 
 def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:

@@ -1,0 +1,148 @@
+"""GGUF's legacy block types, the ones a merge can write with its update kept: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+Every type cuts a row into blocks of 32 consecutive input columns. A block stores an f16 scale d (and, for
+the _1 types, an f16 minimum m) and one code per value:
+
+    Q8_0: value = q * d,          q in -128..127 (int8)
+    Q4_0: value = (q - 8) * d,    q in 0..15      Q4_1: value = q * d + m, q in 0..15
+    Q5_0: value = (q - 16) * d,   q in 0..31      Q5_1: value = q * d + m, q in 0..31
+
+Byte layout of one block (ggml-common.h): d, then m (_1 types), then the fifth bits of the 32 codes as one
+little-endian uint32 (Q5 types), then the codes: 32 int8 (Q8_0), or 16 bytes whose low nibbles hold codes
+0..15 and high nibbles codes 16..31.
+
+A packed weight here is {"blocks": uint8 (out, in / 32 * block bytes)}: the tensor's bytes exactly as a GGUF
+file stores them, row by row. Round to nearest is llama.cpp's own reference quantizer (the `gguf` package's
+numpy port); the decode and the packing of chosen codes are this module's, checked against that package's
+decoder in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import GGUF_QUANTS
+
+TYPES = GGUF_QUANTS
+BLOCK = 32  # values per block, every type here
+_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}
+_HAS_MIN = {"q4_1", "q5_1"}
+
+
+def ggml_type(name: str):
+    """The gguf package's GGMLQuantizationType for a type name here (or f16 / bf16 / f32)."""
+    from gguf import GGMLQuantizationType
+
+    return {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
+            **{t: GGMLQuantizationType[t.upper()] for t in TYPES}}[name]
+
+
+def block_bytes(t: str) -> int:
+    """Bytes of one block of 32 values."""
+    bits = _BITS[t]
+    return 2 + (2 if t in _HAS_MIN else 0) + (4 if bits == 5 else 0) + (32 if bits == 8 else 16)
+
+
+def row_bytes(t: str, in_features: int) -> int:
+    return in_features // BLOCK * block_bytes(t)
+
+
+def fits(t: str, in_features: int) -> bool:
+    """Whether rows of this length split into whole blocks (GGUF has no partial blocks)."""
+    return in_features % BLOCK == 0
+
+
+def table(t: str) -> Tensor | None:
+    """The value each code stands for before scaling (4/5-bit types); None for Q8_0 (the code is the value)."""
+    if t == "q8_0":
+        return None
+    n = 1 << _BITS[t]
+    return torch.arange(n, dtype=torch.float32) - (0 if t in _HAS_MIN else n // 2)
+
+
+def quantize(w: Tensor, t: str) -> dict[str, Tensor]:
+    """Round to nearest with llama.cpp's reference quantizer: an (out, in) weight to its GGUF blocks."""
+    from gguf import quants
+
+    if w.dim() != 2 or not fits(t, w.shape[1]):
+        raise ValueError(f"{t}: a weight of shape {tuple(w.shape)} does not split into rows of {BLOCK}-value blocks")
+    data = quants.quantize(w.detach().float().cpu().contiguous().numpy(), ggml_type(t))
+    return {"blocks": torch.from_numpy(np.ascontiguousarray(data)).view(w.shape[0], -1)}
+
+
+def fields(packed: dict[str, Tensor], t: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d, m, codes) of a packed weight: scales and minima (out, in / 32) float32 (m None for the _0 types),
+    codes (out, in) int16 (Q8_0: the signed value; others: 0..2^bits - 1)."""
+    out_f, in_f = shape
+    b = packed["blocks"].view(out_f, in_f // BLOCK, block_bytes(t))
+
+    def f16(lo: int) -> Tensor:
+        return b[..., lo:lo + 2].contiguous().view(torch.float16)[..., 0].float()
+
+    d = f16(0)
+    pos = 2
+    m = None
+    if t in _HAS_MIN:
+        m, pos = f16(2), 4
+    if t == "q8_0":
+        codes = b[..., pos:pos + 32].contiguous().view(torch.int8).to(torch.int16)
+        return d, m, codes.view(out_f, in_f)
+    high = None
+    if _BITS[t] == 5:
+        qh = b[..., pos:pos + 4].to(torch.int64)
+        qh = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+        high = (qh[..., None] >> torch.arange(32)) & 1
+        pos += 4
+    qs = b[..., pos:pos + 16].to(torch.int16)
+    codes = torch.cat([qs & 15, qs >> 4], dim=-1)
+    if high is not None:
+        codes = codes | (high.to(torch.int16) << 4)
+    return d, m, codes.view(out_f, in_f)
+
+
+def dequantize(packed: dict[str, Tensor], t: str, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out, in) weight the blocks stand for."""
+    d, m, codes = fields(packed, t, shape)
+    tab = table(t)
+    values = codes.float() if tab is None else tab[codes.long()]
+    w = values.view(shape[0], -1, BLOCK) * d[..., None]
+    if m is not None:
+        w = w + m[..., None]
+    return w.view(shape).to(dtype)
+
+
+def pack(codes: Tensor, d: Tensor, m: Tensor | None, t: str) -> dict[str, Tensor]:
+    """GGUF blocks from (out, in) codes (as `fields` returns them) and per-block d (and m), which must already
+    be f16 values."""
+    out_f, in_f = codes.shape
+    nb = in_f // BLOCK
+    c = codes.view(out_f, nb, BLOCK)
+    parts = [d.to(torch.float16).view(out_f, nb, 1).view(torch.uint8)]
+    if t in _HAS_MIN:
+        parts.append(m.to(torch.float16).view(out_f, nb, 1).view(torch.uint8))
+    if t == "q8_0":
+        parts.append(c.to(torch.int8).view(torch.uint8))
+    else:
+        c = c.to(torch.int64)
+        if _BITS[t] == 5:
+            qh = ((c >> 4) & 1) << torch.arange(32)
+            qh = qh.sum(-1)
+            parts.append(torch.stack([(qh >> s) & 255 for s in (0, 8, 16, 24)], dim=-1).to(torch.uint8))
+        parts.append(((c[..., :16] & 15) | ((c[..., 16:] & 15) << 4)).to(torch.uint8))
+    return {"blocks": torch.cat(parts, dim=-1).reshape(out_f, nb * block_bytes(t))}
+
+
+def bits_per_weight(t: str) -> float:
+    return block_bytes(t) * 8 / BLOCK
+
+
+def nbytes(t: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of this shape stored as type t (or f32 / f16 / bf16)."""
+    n = math.prod(shape)
+    if t in TYPES:
+        return n // BLOCK * block_bytes(t)
+    return n * {"f32": 4, "f16": 2, "bf16": 2}[t]
