@@ -25,6 +25,7 @@ from .config import (  # noqa: E402
     EvalConfig,
     GenerateConfig,
     InferenceConfig,
+    LoraExportConfig,
     MergeConfig,
     TrainConfig,
     cli_fields,
@@ -175,6 +176,12 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {cfg.out} (report: {report_path(cfg)})")
 
 
+def _export_lora(args: argparse.Namespace) -> None:
+    from .gguf_export import export_lora
+
+    export_lora(dataclass_from_args(args, LoraExportConfig))
+
+
 def _memory(args: argparse.Namespace) -> None:
     import json
 
@@ -310,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fidelity report)")
     add_dataclass_flags(m, MergeConfig)
     m.set_defaults(func=_merge)
+
+    x = sub.add_parser("export-lora", help="write an adapter alone as a GGUF LoRA file (llama.cpp --lora, Ollama "
+                                           "ADAPTER)")
+    add_dataclass_flags(x, LoraExportConfig)
+    x.set_defaults(func=_export_lora)
 
     from .memory import MEMORY_FIELDS
 

@@ -288,6 +288,10 @@ class MergeConfig:
     cache_dir: str | None = _opt(None, "cache for converted models and data")
 
     def __post_init__(self) -> None:
+        if re.fullmatch(r"(i?q\d_[a-z0-9_]+|q\d_k.*)", str(self.format).lower()) and self.format not in GGUF_QUANTS:
+            raise ValueError(f"export format {self.format!r}: GGUF k-quants and i-quants are not written here; export "
+                             "f16 (or q8_0) and run llama.cpp's llama-quantize on it, or use one of "
+                             f"{', '.join(GGUF_QUANTS)}")
         choice(self.format, EXPORT_FORMATS, "export format")
         choice(self.method, MERGE_METHODS, "method")
         if self.gguf and self.format in (*FOUR_BIT, "int8"):
@@ -313,6 +317,18 @@ class MergeConfig:
         if not self.quantized:
             return "none"
         return "gptq" if self.method == "auto" else self.method
+
+
+@dataclass(kw_only=True)
+class LoraExportConfig:
+    """`qlora-kit export-lora`: the adapter alone as a GGUF LoRA file (llama.cpp's --lora, Ollama's ADAPTER)."""
+
+    model: str = _opt("smollm2-135m", "the adapter's base: HF model folder, Hub ID org/name[@rev], .gguf, or "
+                                      "'smollm2-135m'")
+    adapter: str = _opt(MISSING, "adapter folder (PEFT layout)")
+    out: str = _opt(MISSING, "output .gguf file (refused if it exists, unless --force)")
+    force: bool = _opt(False, "replace an existing --out")
+    cache_dir: str | None = _opt(None, "cache for converted models")
 
 
 @dataclass(kw_only=True)

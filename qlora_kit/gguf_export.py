@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import gguf_types
-from .config import GGUF_QUANTS, MergeConfig
+from .config import GGUF_QUANTS, LoraExportConfig, MergeConfig
 from .layers import QuantLinear
 
 ALIGNMENT = 32  # GGUF's default data alignment
@@ -367,15 +367,14 @@ def tokenizer_kv(src: Path, tok, source_gguf: Path | None, fam: Family):
         tokens[i], types[i] = t, _NORMAL
     if len(set(tokens)) != len(tokens):
         raise ValueError(f"{path}: the vocabulary spells two ids the same way; GGUF cannot represent it")
+    for i, a in added.items():
+        types[i] = _CONTROL if a.get("special") else _USER_DEFINED
     unk = model.get("unk_token")
     for i, t in enumerate(tokens):
         if ggml_model == "llama" and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            types[i] = _BYTE
+            types[i] = _BYTE  # sentencepiece's byte fallback pieces, even when listed as added tokens
         if unk is not None and t == unk:
             types[i] = _UNKNOWN
-    for i, a in added.items():
-        if types[i] != _UNKNOWN:
-            types[i] = _CONTROL if a.get("special") else _USER_DEFINED
     if scores is None and ggml_model == "llama":
         scores = [-float(i) if types[i] == _NORMAL else 0.0 for i in range(n)]  # merge priority by id
     elif scores is not None:
@@ -521,3 +520,79 @@ class Target:
         return {"architecture": self.fam.arch, "file_type": self.cfg.format, "tensors": len(self.plan),
                 "tensor_types": types, "qk_permuted": self.fam.permute_qk,
                 "bytes": sum(gguf_types.nbytes(p.type, p.shape) for p in self.plan.values())}
+
+
+# ---- the adapter alone: a GGUF LoRA file for llama.cpp's --lora ---------------------------------------------
+
+def export_lora(cfg: LoraExportConfig, log=print) -> dict:
+    """Write the adapter cfg.adapter (PEFT layout) as a GGUF LoRA file for the base cfg.model.
+
+    llama.cpp adds scale * B A to each layer with scale = adapter.lora.alpha / r (r from the tensor's shape),
+    times the --lora-scaled factor. Where the adapter's own scale differs (rsLoRA, alpha_pattern, rank_pattern)
+    the difference is folded into B, so every layer keeps its exact update. B's rows get the Q/K permutation the
+    base's Q/K rows got. Factors are stored in F32.
+
+    Returns: a summary (tensors, alpha, bytes). Raises ValueError / FileExistsError before any work.
+    """
+    import gguf
+
+    from . import defaults
+    from .adapters import BASE_QUANT, apply_adapter, read_adapter
+    from .config import QuantConfig
+    from .io import atomic_file
+    from .memory.models import meta_quantized
+    from .patch import lora_layers
+
+    out = Path(cfg.out)
+    if not out.name.endswith(".gguf"):
+        raise ValueError(f"{out}: a GGUF LoRA file name ends in .gguf")
+    if out.exists() and not cfg.force:
+        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+    src = defaults.model_folder(cfg.model, cfg.cache_dir)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    fam = family(config, src)
+    adapter_cfg, pairs = read_adapter(cfg.adapter)
+    trained = adapter_cfg.get(BASE_QUANT) or {"quant": "nf4", "blocksize": 64, "double_quant": True}
+    qcfg = QuantConfig(quant=trained["quant"], compute_dtype=torch.float32, double_quant=trained["double_quant"],
+                       blocksize=trained["blocksize"])
+    model = meta_quantized(config, qcfg, "cpu")
+    apply_adapter(model, Path(cfg.adapter), adapter_cfg, pairs)  # refuses an adapter for another base
+    layers = lora_layers(model)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    alpha = float(adapter_cfg.get("lora_alpha", 8))
+    tensors = []
+    for name, (a, b) in pairs.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise ValueError(f"{cfg.adapter}: {name!r} is an expert of a stack; GGUF LoRA export of mixture-of-experts "
+                             "adapters is not supported")
+        gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise ValueError(f"{name}: layer has no GGUF name for architecture {fam.arch!r}")
+        r = a.shape[0]
+        b = b.float() * (float(layer.scaling) / (alpha / r))  # llama.cpp's scale is alpha / r
+        if fam.permute_qk and gname.endswith("attn_q.weight"):
+            b = permute_rows(b, config.num_attention_heads)
+        elif fam.permute_qk and gname.endswith("attn_k.weight"):
+            b = permute_rows(b, config.num_key_value_heads)
+        tensors += [(f"{gname}.lora_a", a.float().contiguous()), (f"{gname}.lora_b", b.contiguous())]
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), fam.arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        w.add_name(f"{Path(cfg.adapter).name} (LoRA)")
+        for tname, t in tensors:
+            w.add_tensor(tname, t.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    summary = {"out": str(out), "architecture": fam.arch, "layers": len(pairs), "alpha": alpha,
+               "bytes": out.stat().st_size, "qk_permuted": fam.permute_qk}
+    log(f"GGUF LoRA written to {out}: {len(pairs)} layers, alpha {alpha:g}, {summary['bytes'] / 2**20:.1f} MiB "
+        f"(llama.cpp: llama-cli -m BASE.gguf --lora {out.name})")
+    return summary

@@ -169,6 +169,7 @@ class _Streamed:
         self.peak_rss = 0
         self.as_tuple = False  # whether the model's blocks return tuples (seen on the first block)
         self.stacks: set[str] = set()  # the expert stacks of the current block
+        self.floor: dict[str, Tensor] = {}  # the current block's layers rounded without their update
         # whether the export's format changes the base's linear weights (otherwise it stores the base's own codes)
         self.floor_everywhere = not (cfg.quantized and cfg.format == parts.cfg.quant and cfg.onto == "quantized")
 
@@ -259,6 +260,7 @@ class _Streamed:
                 with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
                                                         bias_dtype=self.bias_dtype):
                     blocks.advance(block, i, streams["export_base"])
+        self.floor.clear()
         return rows
 
     def _src(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
@@ -267,14 +269,20 @@ class _Streamed:
 
     def _without_update(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
         """The fp32 weight the export would hold for layer n without the update: the trained (or original)
-        weights in the export's format."""
+        weights in the export's format, rounded by the same method (kept from the rounding pass)."""
         cfg, q = self.cfg, self.export_q
+        if n in self.floor:
+            return self.floor[n]
         src = self.original.weight(n, layer) if self.original else base
         if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
             return src.to(self.dense).float()
-        if cfg.format == layer.quant and not self.original:
+        if self._base_is_floor(layer):
             return base
         return export.stored_value(formats.quantize(src, q), layer, cfg, q)
+
+    def _base_is_floor(self, layer: QuantLinear) -> bool:
+        """Whether the export stores the trained codes themselves when there is no update (same format)."""
+        return self.cfg.format == layer.quant and not self.original
 
     def _base_grid(self, n: str, layer: QuantLinear, base: Tensor) -> dict[str, Tensor] | None:
         """The packed base whose scales are the second candidate grid: the trained layer's own (same format),
@@ -301,9 +309,12 @@ class _Streamed:
             requant = [n for n in names if cfg.quantized and n not in experts]
             # the layers rounded together are merged together; the others one at a time
             merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
+            # the floor: the same rounding of the weights without the update, in the same pass
+            without = {n: self._src(n, lora[n], base[n]) for n in requant if not self._base_is_floor(lora[n])}
             rounded = requantize_group(merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, q,
-                                       self.method, h, self.device) if requant else {}
-            del merged
+                                       self.method, h, self.device, without=without) if requant else {}
+            del merged, without
+            self.floor.update({n: r.without for n, r in rounded.items() if r.without is not None})
             for n in names:
                 layer = lora[n]
                 src = self._src(n, layer, base[n])

@@ -32,7 +32,9 @@ class Grid:
     or the integers -127..127 of int8 and Q8_0 when table is None)."""
 
     def __init__(self, scales: Tensor, group: int, table: Tensor | None = None, offsets: Tensor | None = None):
-        self.scales, self.group = scales.float().clamp_min(1e-12), group  # (rows, in / group)
+        scales = scales.float()  # GGUF's _0 types may store negative scales: only zero ones are nudged
+        self.scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
+        self.group = group  # scales: (rows, in / group)
         self.offsets = None if offsets is None else offsets.float()
         self.table = table
         if table is not None:
@@ -133,33 +135,45 @@ def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor 
 
 @dataclass
 class Rounded:
-    """One layer's export: packed tensors, their dequantized value, and which scales won."""
+    """One layer's export: packed tensors, their dequantized value, which scales won, and (when asked for) the
+    value the same rounding gives the weight without the update."""
 
     packed: dict[str, Tensor]
     value: Tensor
     scales: str
+    without: Tensor | None = None
 
 
 def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str, Tensor] | None], q: QuantConfig,
-                     method: str, hessian: Tensor | None, device: torch.device | str | None = None) -> dict[str, Rounded]:
+                     method: str, hessian: Tensor | None, device: torch.device | str | None = None,
+                     without: dict[str, Tensor] | None = None) -> dict[str, Rounded]:
     """The packed exports of weights that share one input statistics matrix H, rounded in one stacked pass.
 
     Args:
         merged: layer name -> merged (out, in) fp32 weight.
-        base_packed: layer name -> the trained layer's packed tensors when they are in q.quant (their scales
-            are a candidate grid: a small update then moves only the codes it must), else None.
+        base_packed: layer name -> packed tensors whose scales are a candidate grid (the trained layer's own when
+            they are in q.quant: a small update then moves only the codes it must), or None.
         method: 'gptq' or 'rtn'.
+        without: layer name -> the weight without the update; each is rounded the same way (on its own base
+            grid, in the same stacked pass) into Rounded.without: the export's format alone, the floor the
+            update is measured against.
     """
     fresh = {n: formats.quantize(w, q) for n, w in merged.items()}
+    alone = {}
+    if without:
+        alone = {n: base_packed.get(n) or formats.quantize(w, q) for n, w in without.items()}
     if method == "rtn":
-        return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh") for n, p in fresh.items()}
+        return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh",
+                           _dequantize(alone[n], merged[n].shape, q) if n in alone else None)
+                for n, p in fresh.items()}
     # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
     # block's range), and the base's own; the lower output error on the calibration inputs wins
-    cands = [(n, "fresh", p) for n, p in fresh.items()]
-    cands += [(n, "base", p) for n, p in base_packed.items() if p is not None]
+    cands = [(n, "fresh", p, merged[n]) for n, p in fresh.items()]
+    cands += [(n, "base", p, merged[n]) for n, p in base_packed.items() if p is not None]
+    cands += [(n, "without", p, without[n]) for n, p in alone.items()]
     grids = []
-    for n, _, like in cands:
-        shape = tuple(merged[n].shape)
+    for _, _, like, w in cands:
+        shape = tuple(w.shape)
         if q.quant in gguf_types.TYPES:  # GGUF blocks of 32: the f16 scales (and minima) the file will store
             d, m, _ = gguf_types.fields(like, q.quant, shape)
             grids.append(Grid(d, gguf_types.BLOCK, gguf_types.table(q.quant), m))
@@ -167,21 +181,26 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
         scales = formats.block_scales(like, q.quant, shape, q.blocksize)
         grids.append(Grid(scales[:, None], shape[1]) if q.quant == "int8" else
                      Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize))
-    wt = torch.cat([merged[n].t() for n, _, _ in cands], dim=1)  # (in, all rows): the one copy the rounding uses
+    wt = torch.cat([w.t() for _, _, _, w in cands], dim=1)  # (in, all rows): the one copy the rounding uses
     codes = gptq_codes(wt, hessian, Grid.stack(grids), device=device, input_major=True)
     del wt
     best: dict[str, tuple[float, Rounded]] = {}
+    floors: dict[str, Tensor] = {}
     row = 0
     h = hessian.float()
-    for n, label, like in cands:
-        w = merged[n]
+    for n, label, like, w in cands:
         c = codes[row:row + w.shape[0]]
         row += w.shape[0]
         packed = _pack(c, like, q.quant, tuple(w.shape))
         value = _dequantize(packed, w.shape, q)
+        if label == "without":
+            floors[n] = value
+            continue
         err = output_energy(value - w, h)  # ||X (Q - W')^T||^2 on the calibration inputs
         if n not in best or err < best[n][0]:
             best[n] = (err, Rounded(packed, value, label))
+    for n, f in floors.items():
+        best[n][1].without = f
     return {n: r for n, (_, r) in best.items()}
 
 

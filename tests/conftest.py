@@ -142,6 +142,27 @@ def make_tokenizer(folder, vocab_size: int = 300):
     return fast
 
 
+def make_sp_tokenizer(folder, vocab_size: int = 400, prefix_space: bool = True):
+    """A small sentencepiece-style BPE tokenizer (the Llama 2 / Mistral / Gemma kind: '▁' for spaces, byte
+    fallback pieces <0x00>..<0xFF>, <unk>, BOS added) trained on the synthetic text; Gemma's adds no '▁' before
+    the text (prefix_space=False)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * prefix_space
+                                          + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([synthetic_text(200)], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   add_bos_token=True)
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
 @pytest.fixture(scope="session")
 def run_model(tmp_path_factory):
     """A tiny random Llama with a real tokenizer: what `qlora-kit train --model` needs."""
