@@ -12,16 +12,15 @@ little-endian uint32 (Q5 types), then the codes: 32 int8 (Q8_0), or 16 bytes who
 0..15 and high nibbles codes 16..31.
 
 A packed weight here is {"blocks": uint8 (out, in / 32 * block bytes)}: the tensor's bytes exactly as a GGUF
-file stores them, row by row. Round to nearest is llama.cpp's own reference quantizer (the `gguf` package's
-numpy port); the decode and the packing of chosen codes are this module's, checked against that package's
-decoder in the tests.
+file stores them, row by row. Round to nearest follows llama.cpp's reference quantizer step for step, in
+torch (so it also runs on a GPU, and as merge-aware training's forward); the tests hold it, the decode and
+the packing to the `gguf` package's numpy port byte for byte.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,13 +64,50 @@ def table(t: str) -> Tensor | None:
 
 
 def quantize(w: Tensor, t: str) -> dict[str, Tensor]:
-    """Round to nearest with llama.cpp's reference quantizer: an (out, in) weight to its GGUF blocks."""
-    from gguf import quants
-
+    """Round to nearest exactly as llama.cpp's reference quantizer does (ggml-quants.c, and the `gguf` package's
+    numpy port, which the tests hold this to byte for byte): an (out, in) weight to its GGUF blocks."""
     if w.dim() != 2 or not fits(t, w.shape[1]):
         raise ValueError(f"{t}: a weight of shape {tuple(w.shape)} does not split into rows of {BLOCK}-value blocks")
-    data = quants.quantize(w.detach().float().cpu().contiguous().numpy(), ggml_type(t))
-    return {"blocks": torch.from_numpy(np.ascontiguousarray(data)).view(w.shape[0], -1)}
+    d, m, codes = _nearest(w.detach(), t)
+    return pack(codes.cpu(), d.cpu(), None if m is None else m.cpu(), t)
+
+
+def fake_quantize(w: Tensor, t: str) -> Tensor:
+    """The float32 values `quantize` would store for w, computed in torch on w's device (no bytes)."""
+    d, m, codes = _nearest(w.detach(), t)
+    tab = table(t)
+    values = codes.float() if tab is None else tab.to(w.device)[codes.long()]
+    out = values.view(w.shape[0], -1, BLOCK) * d[..., None]
+    if m is not None:
+        out = out + m[..., None]
+    return out.view(w.shape)
+
+
+def _nearest(w: Tensor, t: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d, m, codes) of llama.cpp's reference round to nearest: d and m rounded to f16 (as stored), codes chosen
+    with the unrounded float32 scale, as the reference does."""
+    x = w.float().reshape(w.shape[0], -1, BLOCK)
+    bits = _BITS[t]
+    m = None
+    if t == "q8_0":
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        v = x * inv
+        a = v.abs()  # round half away from zero, exactly as the reference (floor(a) + floor(2 (a - floor(a))))
+        fl = a.floor()
+        codes = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int16)
+    elif t in _HAS_MIN:
+        hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+        d = (hi - lo) / ((1 << bits) - 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        codes = ((x - lo) * inv + 0.5).trunc().clamp_(0, (1 << bits) - 1).to(torch.int16)
+        m = lo[..., 0].to(torch.float16).float()
+    else:
+        idx = x.abs().argmax(-1, keepdim=True)
+        d = torch.gather(x, -1, idx) / -(1 << (bits - 1))
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        codes = (x * inv + (1 << (bits - 1)) + 0.5).trunc().clamp_(0, (1 << bits) - 1).to(torch.int16)
+    return d[..., 0].to(torch.float16).float(), m, codes.view(w.shape)
 
 
 def fields(packed: dict[str, Tensor], t: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -41,9 +41,14 @@ def test_block_types_decode_and_pack_as_the_gguf_package_does(t):
     w[0, :32] += 1.0  # a block off centre (the _1 types' minimum matters)
     w[1, 32:64] = 0.0  # an all-zero block
     w[2, 5] = -3.0  # an outlier
-    packed = gguf_types.quantize(w, t)
+    w[3, :32] = torch.linspace(-1, 1, 32)  # exact ties between two codes
+    w[4] = torch.round(w[4] * 64) / 64
+    packed = gguf_types.quantize(w, t)  # llama.cpp's reference rounding, byte for byte
+    assert np.array_equal(packed["blocks"].numpy().reshape(-1),
+                          gguf.quants.quantize(w.numpy(), gguf_types.ggml_type(t)).reshape(-1))
     ref = gguf.quants.dequantize(packed["blocks"].numpy(), gguf_types.ggml_type(t)).reshape(6, 128)
     assert torch.equal(gguf_types.dequantize(packed, t, (6, 128)), torch.from_numpy(ref))
+    assert torch.equal(gguf_types.fake_quantize(w, t), torch.from_numpy(ref))  # merge-aware training's forward
     d, m, codes = gguf_types.fields(packed, t, (6, 128))
     assert torch.equal(gguf_types.pack(codes, d, m, t)["blocks"], packed["blocks"])
     # other codes on the same scales: the gguf package decodes them to table[code] * d (+ m)
