@@ -21,12 +21,13 @@ from .config import QuantConfig, one_line, pattern_lookup
 from .experts import ExpertStack, expert_stacks, peft_key, peft_target
 from .io import atomic_dir
 from .layers import QuantLinear
-from .patch import fingerprint, is_linear, lora_layers, set_submodule, to_quant_linear
+from .patch import fingerprint, is_linear, lora_layers, set_merge_aware, set_submodule, to_quant_linear
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT = "base_model_fingerprint"
 BASE_QUANT = "base_model_quantization"
+MERGE_AWARE = "merge_aware_format"  # trained against this export format's rounding (see patch.set_merge_aware)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 CONFIG_TYPES = {"lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
                 "alpha_pattern": (dict,), "rank_pattern": (dict,), "r": (int,)}
@@ -108,6 +109,8 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
         metadata[BASE_QUANT] = json.dumps({"quant": quant.quant, "blocksize": quant.blocksize,
                                            "double_quant": quant.double_quant,
                                            "compute_dtype": str(quant.compute_dtype).removeprefix("torch.")})
+    if getattr(model, "qlora_merge_aware", None):
+        metadata[MERGE_AWARE] = model.qlora_merge_aware
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -147,6 +150,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
                 config[FINGERPRINT] = meta[FINGERPRINT]
             if meta.get(BASE_QUANT):
                 config[BASE_QUANT] = json.loads(meta[BASE_QUANT])
+            if meta.get(MERGE_AWARE):
+                config[MERGE_AWARE] = meta[MERGE_AWARE]
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:
@@ -194,7 +199,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     """
     path = Path(path)
     config, pairs = read_adapter(path)
-    return apply_adapter(model, path, config, pairs, check_base, dtype)
+    apply_adapter(model, path, config, pairs, check_base, dtype)
+    if config.get(MERGE_AWARE):  # the model it was trained as: its export's rounding in the forward
+        set_merge_aware(model, config[MERGE_AWARE])
+    return model
 
 
 def apply_adapter(model: nn.Module, path: Path, config: dict, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],

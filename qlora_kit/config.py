@@ -199,6 +199,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    merge_aware: str | None = _opt(None, "merge-aware training for an export format (nf4, fp4, int8 or a GGUF type "
+                                         "q8_0/q4_0/q4_1/q5_0/q5_1): the forward uses W + s*BA rounded as that "
+                                         "export will store it (straight-through gradients), so the merged export "
+                                         "is the model that was trained")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
                                       "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
@@ -237,6 +241,8 @@ class TrainConfig:
             raise ValueError(f"eval-fraction {self.eval_fraction} must be in [0, 1)")
         choice(self.quant, QUANT_FORMATS, "quantization format")
         choice(self.optimizer, OPTIMIZERS, "optimizer")
+        if self.merge_aware is not None:
+            choice(self.merge_aware, [f for f in EXPORT_FORMATS if f not in DTYPE_NAMES], "merge-aware format")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype, "compute_dtype")
         self.lora_config()  # validates rank, alpha, dropout and targets

@@ -84,6 +84,26 @@ class _LoRABranch(torch.autograd.Function):
         return grad_x, grad_A.to(A.dtype), grad_B.to(B.dtype), None, None, None
 
 
+class _MergedExportMatmul(torch.autograd.Function):
+    """x @ Q(W + s*BA).T: the layer as its 4/8-bit export will compute it (merge-aware training).
+
+    Q is the export's round to nearest. The rounded weight is made in the forward and made again in the backward
+    for the input gradient (A and B do not change in between), so no dense copy is kept. A and B get no gradient
+    here: the straight-through estimator passes theirs through the LoRA branch (QuantLinear.forward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        return x @ layer.export_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.export_weight(grad_out.dtype), None
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer stored in nf4 / fp4 / int8 (or unquantized), with optional LoRA."""
 
@@ -106,6 +126,7 @@ class QuantLinear(nn.Module):
         self.dropout = 0.0  # on the LoRA branch's input, in training
         self.r, self.lora_alpha, self.scaling, self.rslora = 0, 0.0, 0.0, False
         self.lora_enabled = True
+        self.merge_aware: QuantConfig | None = None  # the export format the forward rounds W + s*BA to
         self.packed_as_parameters = False  # see make_packed_parameters
 
     @classmethod
@@ -199,9 +220,30 @@ class QuantLinear(nn.Module):
             raise RuntimeError("this layer has no LoRA adapter")
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def export_weight(self, dtype: torch.dtype) -> Tensor:
+        """Round to nearest of W + s*BA in the merge-aware export format (fp32 arithmetic, as the merge's), in dtype."""
+        from . import gguf_types
+
+        with torch.no_grad():
+            w = self.dequantize(torch.float32) + self.delta_weight().float()
+            q = self.merge_aware
+            if q.quant in gguf_types.TYPES:
+                w = gguf_types.fake_quantize(w, q.quant)
+            else:
+                w = formats.dequantize(formats.quantize(w, q), q.quant, tuple(w.shape), q.blocksize, torch.float32)
+        return w.to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         lora = self.lora_A is not None and self.lora_enabled
         p = self.dropout if lora and self.training else 0.0
+        if lora and self.merge_aware is not None:
+            # forward: the rounded merged weight; backward: A and B get LoRA's own gradients (straight through
+            # the rounding), the input gets the rounded weight's
+            y = _MergedExportMatmul.apply(x.to(self.compute_dtype), self)
+            if self.bias is not None:
+                y = y + self.bias
+            branch = _LoRABranch.apply(x.detach(), self.lora_A, self.lora_B, self.scaling, p, y.dtype)
+            return y + (branch - branch.detach())
         weight = self.packed_weight()
         if kernels.use_triton(weight, self.bias, self.compute_dtype, x):  # nf4 / fp4 on a GPU
             return kernels.quant_lora_linear(x, weight, self.bias, self.compute_dtype,

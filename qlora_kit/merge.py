@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from . import allocator, blocks, defaults, export, formats, merge_report
-from .adapters import BASE_QUANT, apply_adapter, read_adapter
+from .adapters import BASE_QUANT, MERGE_AWARE, apply_adapter, read_adapter
 from .config import GGUF_QUANTS, MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
 from .experts import expert_stacks
@@ -76,6 +76,10 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
               else None)  # refuses an unmappable model first
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
+    aware = adapter_cfg.get(MERGE_AWARE)
+    if aware == cfg.format and cfg.method == "auto" and cfg.onto == "quantized":
+        method = "rtn"  # trained against this format's round to nearest: that rounding is the model it learned
+        log(f"the adapter was trained merge-aware for {aware}: exporting with its round to nearest")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
                              len(eval_set), BATCH)
     log(merge_report.format_plan(plan, cfg))
@@ -92,6 +96,7 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
         log(f"{shapes['stacks']} expert stacks are exported in {cfg.dtype}: transformers + bitsandbytes quantizes only "
             "nn.Linear layers and cannot hold 3-D expert weights quantized")
     report = {"format": cfg.format, "method": method, "onto": cfg.onto, "model": str(src), "adapter": str(cfg.adapter),
+              "merge_aware": aware,
               "calibration": {"tokens": int(calib.attention_mask.sum()), "sequences": len(calib)}, "plan": plan}
     if cfg.quantized and shapes["stacks"]:
         report["experts_exported_dense"] = {"stacks": shapes["stacks"], "dtype": cfg.dtype,

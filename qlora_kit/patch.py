@@ -226,6 +226,35 @@ def enable_checkpointing(model: nn.Module, **kwargs) -> None:
     model.config.use_cache = False
 
 
+def set_merge_aware(model: nn.Module, fmt: str | None) -> None:
+    """Merge-aware training: every LoRA layer's forward computes with round-to-nearest of W + s*BA in the export
+    format `fmt` (nf4 / fp4 / int8, or a GGUF type q8_0 / q4_0 / q4_1 / q5_0 / q5_1), the weight the merged export
+    will store; A and B learn through a straight-through estimator. None turns it off.
+
+    Raises: ValueError for an unknown format, expert stacks with LoRA, or rows that GGUF blocks do not split.
+    """
+    import dataclasses
+
+    from .config import EXPORT_FORMATS, GGUF_QUANTS, choice
+
+    layers = lora_layers(model)
+    q = None
+    if fmt is not None:
+        choice(fmt, [f for f in EXPORT_FORMATS if f not in ("bf16", "fp16", "fp32")], "merge-aware format")
+        stacks = {n for n, st in expert_stacks(model).items() if st[0].lora_A is not None}
+        if stacks:
+            raise ValueError(f"merge-aware training of expert stacks ({sorted(stacks)[0]}) is not supported")
+        if fmt in GGUF_QUANTS:
+            odd = next((n for n, m in layers.items() if m.in_features % 32), None)
+            if odd is not None:
+                raise ValueError(f"{odd}: {layers[odd].in_features} inputs do not split into {fmt}'s blocks of 32")
+        base = getattr(model, "qlora_quant_config", None) or QuantConfig()
+        q = dataclasses.replace(base, quant=fmt, compute_dtype=torch.float32)  # as the merge rounds it
+    for layer in layers.values():
+        layer.merge_aware = q
+    model.qlora_merge_aware = fmt
+
+
 def lora_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
 

@@ -34,7 +34,14 @@ from .formats import make_optimizer
 from .io import atomic_dir, atomic_write_bytes
 from .loading import check_seq_len, load_model_and_tokenizer, resolve_device
 from .loss import IGNORE_INDEX
-from .patch import add_lora, enable_checkpointing, lora_layers, parameter_report, trainable_parameters
+from .patch import (
+    add_lora,
+    enable_checkpointing,
+    lora_layers,
+    parameter_report,
+    set_merge_aware,
+    trainable_parameters,
+)
 from .step import train_step
 
 # Settings that may differ between a run and its resume without changing the result.
@@ -138,6 +145,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         add_lora(model, config=cfg.lora_config())
+        if cfg.merge_aware:
+            set_merge_aware(model, cfg.merge_aware)
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         if cfg.fsdp:

@@ -434,3 +434,71 @@ def test_cli_unknown_type_is_one_line(tmp_path):
                         str(tmp_path / "x.gguf"), "--format", "q4_k"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "invalid choice: 'q4_k'" in r.stderr.strip().splitlines()[-1]  # after argparse's usage
+
+
+# ---- merge-aware training -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["q4_0", "nf4"])
+def test_merge_aware_forward_is_the_rounded_merge_with_lora_gradients(fmt):
+    """Forward: x @ Q(W + s*BA).T; backward: A and B get plain LoRA's gradients for the same upstream gradient
+    (straight through Q), the input gets Q(W + s*BA)'s."""
+    from qlora_kit import formats
+    from qlora_kit.config import QuantConfig
+    from qlora_kit.layers import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    layer = QuantLinear.from_dense(w, QuantConfig(quant="nf4", compute_dtype=torch.float32))
+    layer.attach_lora(4, 8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02, generator=g)
+    x = torch.randn(3, 5, 128, generator=g, requires_grad=True)
+    up = torch.randn(3, 5, 64, generator=g)
+    plain = {}
+    y = layer(x)
+    (y * up).sum().backward()
+    plain = {"A": layer.lora_A.grad.clone(), "B": layer.lora_B.grad.clone()}
+    layer.lora_A.grad = layer.lora_B.grad = None
+    x.grad = None
+    layer.merge_aware = QuantConfig(quant=fmt, compute_dtype=torch.float32)
+    y = layer(x)
+    merged = layer.dequantize(torch.float32) + layer.delta_weight().detach()
+    if fmt == "q4_0":
+        ref = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(merged.numpy(), gguf_types.ggml_type(fmt)),
+                                                      gguf_types.ggml_type(fmt))).view(64, 128)
+    else:
+        ref = formats.dequantize(formats.quantize(merged, layer.merge_aware), "nf4", (64, 128), 64, torch.float32)
+    assert torch.allclose(y, x.detach() @ ref.t(), atol=1e-5)
+    (y * up).sum().backward()
+    assert torch.allclose(layer.lora_A.grad, plain["A"], atol=1e-6)
+    assert torch.allclose(layer.lora_B.grad, plain["B"], atol=1e-6)
+    assert torch.allclose(x.grad, up @ ref, atol=1e-5)
+
+
+def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file, tmp_path):
+    """Trained against Q4_0's rounding, the adapter's GGUF export (round to nearest, chosen automatically) stores
+    exactly the weights the training forward computed with, and keeps its gain."""
+    from safetensors import safe_open
+
+    from qlora_kit.config import TrainConfig
+    from qlora_kit.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(run_model), data=str(text_file), out=str(run), steps=20, seq_len=32, lr=1e-2, rank=8,
+                      alpha=16, warmup_steps=2, sample_tokens=0, eval_sequences=8, eval_fraction=0.1, device="cpu",
+                      save_every=0, merge_aware="q4_0"), log=quiet, progress=False)
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["merge_aware_format"] == "q4_0"
+    out = tmp_path / "m.gguf"
+    report = merge(MergeConfig(model=str(run_model), adapter=str(run / "adapter"), out=str(out), format="q4_0",
+                               eval_data=str(text_file), seq_len=32, eval_sequences=8, calib_tokens=256), log=quiet)
+    assert report["method"] == "rtn" and report["merge_aware"] == "q4_0"
+    m = report["model_metrics"]
+    assert m["ppl_merged"] < m["ppl_base"] and m["kept_gain"] > 0.97
+    model = qk.load_quantized(run_model, compute_dtype=torch.float32)
+    qk.load_adapter(model, run / "adapter")
+    layer = model.get_submodule("model.layers.0.self_attn.v_proj")
+    assert layer.merge_aware is not None and layer.merge_aware.quant == "q4_0"  # load_adapter restores the mode
+    want = gguf_types.quantize(layer.dequantize(torch.float32) + layer.delta_weight().detach().float(), "q4_0")
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}["blk.0.attn_v.weight"]
+    assert np.array_equal(stored.reshape(-1), want["blocks"].numpy().reshape(-1))
