@@ -91,6 +91,12 @@ def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
     # Off CUDA bitsandbytes' 4-bit quantizer is plain torch (the same on every CPU), but its 8-bit one for
     # the second level is a native kernel: that level is done here instead (_double_quantize).
     nested_here = cfg.double_quant and not src.is_cuda
+    if not src.is_cuda:  # the same arithmetic as bitsandbytes' torch quantizer, several times faster
+        packed, absmax = _quantize_4bit_cpu(src, cfg.blocksize, cfg.quant)
+        out = {"weight": packed, "absmax": absmax, "quant_map": code_table(cfg.quant).float()}
+        if cfg.double_quant:
+            out.update(_double_quantize(absmax))
+        return out
     packed, state = bnbF.quantize_4bit(
         src, blocksize=cfg.blocksize, quant_type=cfg.quant, compress_statistics=cfg.double_quant and not nested_here
     )
@@ -104,6 +110,25 @@ def quantize(w: Tensor, cfg: QuantConfig) -> dict[str, Tensor]:
             offset=state.offset.reshape(1).float(),
         )
     return out
+
+
+def _quantize_4bit_cpu(w: Tensor, blocksize: int, quant: str) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' torch 4-bit quantizer, step for step (the tests hold the two equal byte for byte): per block
+    of `blocksize` values, absmax and the scaled values clamped to [-1, 1]; the code is the number of code
+    boundaries below a value (what its torch.bucketize returns), counted with one comparison per boundary
+    instead of a binary search per value."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    bounds, order = _get_4bit_quantize_bounds(quant, w.device)
+    blocks = w.reshape(-1, blocksize).float()
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    q = torch.zeros(scaled.shape, dtype=torch.uint8)
+    for b in bounds.tolist():
+        q += scaled > b
+    if quant != "nf4":
+        q = order.to(torch.uint8)[q.long()]
+    return ((q[::2] << 4) | q[1::2]).unsqueeze(1), absmax
 
 
 def _double_quantize(absmax: Tensor) -> dict[str, Tensor]:

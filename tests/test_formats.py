@@ -144,3 +144,19 @@ def test_int8_matmul_is_exact_at_any_depth():
     exact = a.long() @ b.long().t()
     assert exact.min() > 2**25
     assert torch.equal(formats._int8_matmul(a, b).long(), exact)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_4bit_quantizer_is_bitsandbytes_byte_for_byte(quant, dtype):
+    """The CPU quantizer counts boundaries instead of bitsandbytes' bucketize: the same codes and absmax, ties,
+    zero blocks and clamped outliers included."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    w[0, :64] = 0
+    w[1, 3] = 5.0
+    w[2] = torch.linspace(-1, 1, 256)  # values on the code boundaries' neighbourhood
+    for bs in (64, 128):
+        want, state = bnbF.quantize_4bit(w.to(dtype), blocksize=bs, quant_type=quant, compress_statistics=False)
+        got = formats.quantize(w.to(dtype), QuantConfig(quant=quant, blocksize=bs, double_quant=False))
+        assert torch.equal(got["weight"], want) and torch.equal(got["absmax"], state.absmax)

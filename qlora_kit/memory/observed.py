@@ -134,8 +134,11 @@ class ObservedPeak:
         self._rss_window = False
 
     def start(self) -> ObservedPeak:
+        import gc
+
         from .. import allocator
 
+        gc.collect()  # earlier work's garbage (mapped files included) is freed now, not inside the measured window
         allocator.trim()  # what earlier work in this process freed is not this run's
         self.rss_start = rss_now()
         if self.cuda:
