@@ -68,22 +68,26 @@ def quantize(w: Tensor, t: str) -> dict[str, Tensor]:
     numpy port, which the tests hold this to byte for byte): an (out, in) weight to its GGUF blocks."""
     if w.dim() != 2 or not fits(t, w.shape[1]):
         raise ValueError(f"{t}: a weight of shape {tuple(w.shape)} does not split into rows of {BLOCK}-value blocks")
-    d, m, codes = _nearest(w.detach(), t)
+    d, m, codes = nearest(w.detach(), t)
     return pack(codes.cpu(), d.cpu(), None if m is None else m.cpu(), t)
 
 
 def fake_quantize(w: Tensor, t: str) -> Tensor:
     """The float32 values `quantize` would store for w, computed in torch on w's device (no bytes)."""
-    d, m, codes = _nearest(w.detach(), t)
+    return decode(*nearest(w.detach(), t), t, tuple(w.shape))
+
+
+def decode(d: Tensor, m: Tensor | None, codes: Tensor, t: str, shape: tuple[int, int]) -> Tensor:
+    """float32 (out, in) values of per-block scales d (minima m) and codes."""
     tab = table(t)
-    values = codes.float() if tab is None else tab.to(w.device)[codes.long()]
-    out = values.view(w.shape[0], -1, BLOCK) * d[..., None]
+    values = codes.float() if tab is None else tab.to(codes.device)[codes.long()]
+    out = values.view(shape[0], -1, BLOCK) * d[..., None]
     if m is not None:
         out = out + m[..., None]
-    return out.view(w.shape)
+    return out.view(shape)
 
 
-def _nearest(w: Tensor, t: str) -> tuple[Tensor, Tensor | None, Tensor]:
+def nearest(w: Tensor, t: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """(d, m, codes) of llama.cpp's reference round to nearest: d and m rounded to f16 (as stored), codes chosen
     with the unrounded float32 scale, as the reference does."""
     x = w.float().reshape(w.shape[0], -1, BLOCK)

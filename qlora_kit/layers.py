@@ -87,21 +87,24 @@ class _LoRABranch(torch.autograd.Function):
 class _MergedExportMatmul(torch.autograd.Function):
     """x @ Q(W + s*BA).T: the layer as its 4/8-bit export will compute it (merge-aware training).
 
-    Q is the export's round to nearest. The rounded weight is made in the forward and made again in the backward
-    for the input gradient (A and B do not change in between), so no dense copy is kept. A and B get no gradient
-    here: the straight-through estimator passes theirs through the LoRA branch (QuantLinear.forward).
+    Q is the export's round to nearest. Only its compact form (codes and scales: 0.5-1 byte a weight) is kept for
+    the backward, which decodes it again for the input gradient; no dense copy outlives the forward. A and B get
+    no gradient here: the straight-through estimator passes theirs through the LoRA branch (QuantLinear.forward).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.rounded = layer.export_rounding()
         ctx.layer = layer
-        return x @ layer.export_weight(x.dtype).t()
+        return x @ layer.decode_export(ctx.rounded, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out @ ctx.layer.export_weight(grad_out.dtype), None
+        w = ctx.layer.decode_export(ctx.rounded, grad_out.dtype)
+        ctx.rounded = None
+        return grad_out @ w, None
 
 
 class QuantLinear(nn.Module):
@@ -220,18 +223,32 @@ class QuantLinear(nn.Module):
             raise RuntimeError("this layer has no LoRA adapter")
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def export_weight(self, dtype: torch.dtype) -> Tensor:
-        """Round to nearest of W + s*BA in the merge-aware export format (fp32 arithmetic, as the merge's), in dtype."""
+    def export_rounding(self):
+        """Round to nearest of W + s*BA in the merge-aware export format (fp32 arithmetic, as the merge rounds it),
+        in compact form: GGUF (d, m, codes) or bitsandbytes' packed tensors."""
         from . import gguf_types
 
         with torch.no_grad():
             w = self.dequantize(torch.float32) + self.delta_weight().float()
             q = self.merge_aware
             if q.quant in gguf_types.TYPES:
-                w = gguf_types.fake_quantize(w, q.quant)
-            else:
-                w = formats.dequantize(formats.quantize(w, q), q.quant, tuple(w.shape), q.blocksize, torch.float32)
-        return w.to(dtype)
+                d, m, codes = gguf_types.nearest(w, q.quant)
+                return d, m, codes.to(torch.int8)  # every type's codes fit in a byte
+            return formats.quantize(w, q)
+
+    def decode_export(self, rounded, dtype: torch.dtype) -> Tensor:
+        """The dense (out, in) weight a compact export rounding stands for, in dtype."""
+        from . import gguf_types
+
+        q = self.merge_aware
+        shape = (self.out_features, self.in_features)
+        if q.quant in gguf_types.TYPES:
+            return gguf_types.decode(*rounded, q.quant, shape).to(dtype)
+        return formats.dequantize(rounded, q.quant, shape, q.blocksize, dtype)
+
+    def export_weight(self, dtype: torch.dtype) -> Tensor:
+        """Q(W + s*BA) as the merge-aware forward computes with it, in dtype."""
+        return self.decode_export(self.export_rounding(), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         lora = self.lora_A is not None and self.lora_enabled
