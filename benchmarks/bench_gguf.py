@@ -11,10 +11,11 @@ export: for every type and method (default q8_0, q4_0, q4_1, q5_0, q5_1, each wi
 set beside the report's "export" perplexity, and its logits are compared with the adapter unmerged
 (qlora_kit.load_quantized + load_adapter, fp32): relative error and KL.
 
-train: the quickstart (`python -m qlora_kit train`, default flags) plain and with --merge-aware nf4 and
---merge-aware q4_0, the three alternating in fresh processes (--rounds of each); the median step time over
-steps 3.. from metrics.jsonl, the peak RSS (wait4), the held-out perplexity after training as the training
-forward computes it. Then every adapter is merged to nf4 (bitsandbytes folder) and to q4_0 (GGUF): the
+train: the quickstart (`python -m qlora_kit train`, default flags) plain and with --merge-aware nf4 / q4_0
+(from the first step, or after 30 plain steps), alternating in fresh processes (--rounds of each; a finished
+run under --work is reused); the median step time over the merge-aware steps (from the third) from
+metrics.jsonl, the peak RSS (wait4), the held-out perplexity after training as the training forward
+computes it. Then every adapter is merged to nf4 (bitsandbytes folder) and to q4_0 (GGUF): the
 merge-aware adapters with the round to nearest they trained against (what `merge` picks), the plain one with
 GPTQ (the default); the table gives each export's kept gain against the plain adapter unmerged and its own.
 """
@@ -113,19 +114,34 @@ def export(args: argparse.Namespace, work: Path) -> list[dict]:
     return rows
 
 
+VARIANTS = {
+    "plain": [],
+    "merge-aware nf4": ["--merge-aware", "nf4"],
+    "merge-aware q4_0": ["--merge-aware", "q4_0"],
+    "merge-aware nf4 after 30": ["--merge-aware", "nf4", "--merge-aware-after", "30"],
+    "merge-aware q4_0 after 30": ["--merge-aware", "q4_0", "--merge-aware-after", "30"],
+}
+
+
 def train(args: argparse.Namespace, work: Path) -> list[dict]:
-    variants = {"plain": [], "merge-aware nf4": ["--merge-aware", "nf4"], "merge-aware q4_0": ["--merge-aware", "q4_0"]}
-    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    names = args.variants.split(",")
+    runs: dict[str, list[dict]] = {k: [] for k in names}
     for rnd in range(args.rounds):
-        for name, flags in variants.items():
+        for name in names:
             out = work / f"train-{name.replace(' ', '-')}-{rnd}"
-            r = run([sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--steps", str(args.steps),
-                     "--save-every", "0", "--sample-tokens", "0", *flags])
+            peak = None
+            if not (out / "adapter" / "adapter_config.json").is_file():  # a finished run is reused (--work)
+                peak = run([sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--steps", str(args.steps),
+                            "--save-every", "0", "--sample-tokens", "0", *VARIANTS[name]])["peak_rss_mib"]
+                (out / "peak_rss_mib").write_text(str(peak))
+            peak = float((out / "peak_rss_mib").read_text())
             metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             steps = [x for x in metrics if "step_s" in x]
             evals = [x["eval_ppl"] for x in metrics if "eval_ppl" in x]
-            runs[name].append({"out": out, "step_s": statistics.median(x["step_s"] for x in steps[2:]),
-                               "peak_rss_mib": r["peak_rss_mib"], "ppl_before": evals[0], "ppl_after": evals[-1]})
+            after = int(VARIANTS[name][3]) if "--merge-aware-after" in VARIANTS[name] else 0
+            aware = [x["step_s"] for x in steps if x["step"] > after + 2]
+            runs[name].append({"out": out, "step_s": statistics.median(aware), "peak_rss_mib": peak,
+                               "ppl_before": evals[0], "ppl_after": evals[-1]})
             print(name, rnd, {k: v for k, v in runs[name][-1].items() if k != "out"}, flush=True)
     plain = statistics.median(x["step_s"] for x in runs["plain"])
     rows = []
@@ -135,8 +151,8 @@ def train(args: argparse.Namespace, work: Path) -> list[dict]:
                "ppl_after_training_forward": rs[0]["ppl_after"]}
         row["step_ratio_vs_plain"] = round(row["step_s"] / plain, 3)
         adapter = rs[0]["out"] / "adapter"
-        for fmt in ("nf4", "q4_0"):
-            out = work / f"export-{name.replace(' ', '-')}-{fmt}" + (".gguf" if fmt == "q4_0" else "")
+        for fmt in (("nf4", "q4_0") if name == "plain" else (VARIANTS[name][1],)):
+            out = work / (f"export-{name.replace(' ', '-')}-{fmt}" + (".gguf" if fmt == "q4_0" else ""))
             run([sys.executable, "-m", "qlora_kit", "merge", "--adapter", str(adapter), "--out", str(out),
                  "--format", fmt, "--eval-sequences", str(args.eval_sequences), "--force"])
             rp = (out.with_name(out.name.removesuffix(".gguf") + ".merge_report.json") if fmt == "q4_0"
@@ -146,14 +162,15 @@ def train(args: argparse.Namespace, work: Path) -> list[dict]:
             row[f"{fmt}_method"] = report["method"]
             row[f"{fmt}_ppl_export"] = m["ppl_merged"]
             row[f"{fmt}_ppl_unmerged"] = m["ppl_unmerged"]
-            row[f"{fmt}_kept_gain"] = m["kept_gain"]
+            row[f"{fmt}_kept_gain_own"] = m["kept_gain"]
         rows.append(row)
-        print(json.dumps(row), flush=True)
     base = rows[0]
     for row in rows:  # against the plain adapter unmerged: the model a plain run would serve unmerged
         for fmt in ("nf4", "q4_0"):
-            b, u, e = base["ppl_before"], base[f"{fmt}_ppl_unmerged"], row[f"{fmt}_ppl_export"]
-            row[f"{fmt}_kept_vs_plain_unmerged"] = round(math.log(b / e) / math.log(b / u), 4)
+            if f"{fmt}_ppl_export" in row:
+                b, u, e = base["ppl_before"], base["nf4_ppl_unmerged"], row[f"{fmt}_ppl_export"]
+                row[f"{fmt}_kept_vs_plain_unmerged"] = round((b - e) / (b - u), 4)  # the report's `kept`
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -166,6 +183,7 @@ def main() -> None:
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"training variants, of: {', '.join(VARIANTS)}")
     p.add_argument("--work", default="bench-gguf")
     p.add_argument("--json")
     args = p.parse_args()

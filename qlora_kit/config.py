@@ -203,6 +203,8 @@ class TrainConfig:
                                          "q8_0/q4_0/q4_1/q5_0/q5_1): the forward uses W + s*BA rounded as that "
                                          "export will store it (straight-through gradients), so the merged export "
                                          "is the model that was trained")
+    merge_aware_after: int = _opt(0, "with --merge-aware: plain LoRA for this many steps first, then merge-aware "
+                                     "(the update's direction is learnt before the rounding is)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
                                       "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
@@ -243,6 +245,8 @@ class TrainConfig:
         choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.merge_aware is not None:
             choice(self.merge_aware, [f for f in EXPORT_FORMATS if f not in DTYPE_NAMES], "merge-aware format")
+        if not isinstance(self.merge_aware_after, int) or not 0 <= self.merge_aware_after < self.steps:
+            raise ValueError(f"merge-aware-after {self.merge_aware_after!r} must be an integer from 0 to steps - 1")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype, "compute_dtype")
         self.lora_config()  # validates rank, alpha, dropout and targets

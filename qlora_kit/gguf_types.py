@@ -30,6 +30,7 @@ TYPES = GGUF_QUANTS
 BLOCK = 32  # values per block, every type here
 _BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}
 _HAS_MIN = {"q4_1", "q5_1"}
+_ROWS = 4096  # rows rounded at a time
 
 
 def ggml_type(name: str):
@@ -68,13 +69,20 @@ def quantize(w: Tensor, t: str) -> dict[str, Tensor]:
     numpy port, which the tests hold this to byte for byte): an (out, in) weight to its GGUF blocks."""
     if w.dim() != 2 or not fits(t, w.shape[1]):
         raise ValueError(f"{t}: a weight of shape {tuple(w.shape)} does not split into rows of {BLOCK}-value blocks")
-    d, m, codes = nearest(w.detach(), t)
-    return pack(codes.cpu(), d.cpu(), None if m is None else m.cpu(), t)
+    out = torch.empty(w.shape[0], row_bytes(t, w.shape[1]), dtype=torch.uint8)
+    for lo in range(0, w.shape[0], _ROWS):  # a slice of rows at a time: an embedding's temporaries stay small
+        d, m, codes = nearest(w[lo:lo + _ROWS].detach(), t)
+        out[lo:lo + _ROWS] = pack(codes.cpu(), d.cpu(), None if m is None else m.cpu(), t)["blocks"]
+    return {"blocks": out}
 
 
 def fake_quantize(w: Tensor, t: str) -> Tensor:
     """The float32 values `quantize` would store for w, computed in torch on w's device (no bytes)."""
-    return decode(*nearest(w.detach(), t), t, tuple(w.shape))
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for lo in range(0, w.shape[0], _ROWS):
+        part = w[lo:lo + _ROWS].detach()
+        out[lo:lo + _ROWS] = decode(*nearest(part, t), t, tuple(part.shape))
+    return out
 
 
 def decode(d: Tensor, m: Tensor | None, codes: Tensor, t: str, shape: tuple[int, int]) -> Tensor:

@@ -53,7 +53,10 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
         for in_f, ms in inputs.items():
             stats += in_f * in_f * 4 * math.ceil(len(ms) / 2)  # e.g. q/k/v, o, gate/up on the hidden size: 3 groups
             outs = sorted((m.out_features for m in ms), reverse=True)
-            rows_stacked = 2 * sum(outs[:2])  # the widest group rounded together (gate/up), both candidate grids
+            # the widest group rounded together (gate/up): both candidate grids, and the floor's rows (the base
+            # rounded alone) when the export's format is not the one trained on
+            floor = cfg.quantized and (cfg.format != export_q_trained(model) or cfg.onto == "original")
+            rows_stacked = (3 if floor else 2) * sum(outs[:2])
             # H copied and factored in fp32 (two n x n at a time, and H kept); the stacked W^T (fp32) and its
             # int16 codes; two layers' decoded candidates at a time
             if cfg.resolved_method() == "gptq":
@@ -68,6 +71,11 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
             "available_bytes": available,
             "short_bytes": (phase_peak - available) if available is not None else 0,
             "blocks": len(model.get_submodule(name))}
+
+
+def export_q_trained(model: nn.Module) -> str | None:
+    """The format the (meta) model's linear layers were quantized in, as the adapter was trained on them."""
+    return next((m.quant for m in model.modules() if isinstance(m, QuantLinear)), None)
 
 
 def gib(n: int | None) -> str:

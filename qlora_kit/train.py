@@ -145,7 +145,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         add_lora(model, config=cfg.lora_config())
-        if cfg.merge_aware:
+        if cfg.merge_aware and cfg.merge_aware_after == 0:
             set_merge_aware(model, cfg.merge_aware)
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
@@ -206,6 +206,10 @@ class _Run:
         bar = _progress(cfg.steps, start, self.progress)
         step = start
         for step in range(start + 1, cfg.steps + 1):
+            if cfg.merge_aware and step > cfg.merge_aware_after and not getattr(self.model, "qlora_merge_aware", None):
+                set_merge_aware(self.model, cfg.merge_aware)  # plain LoRA until then (also after a resume)
+                if step > 1:
+                    self.log(f"step {step}: merge-aware training for {cfg.merge_aware} from here on")
             row = self._step(step)
             self.append(self.metrics, row)
             bar(step, row)

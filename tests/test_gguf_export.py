@@ -476,7 +476,7 @@ def test_merge_aware_forward_is_the_rounded_merge_with_lora_gradients(fmt):
 
 
 def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file, tmp_path):
-    """Trained against Q4_0's rounding, the adapter's GGUF export (round to nearest, chosen automatically) stores
+    """Trained against Q4_0's rounding (after 10 plain steps), the adapter's GGUF export (round to nearest, chosen automatically) stores
     exactly the weights the training forward computed with, and keeps its gain."""
     from safetensors import safe_open
 
@@ -484,9 +484,11 @@ def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file,
     from qlora_kit.train import train
 
     run = tmp_path / "run"
+    logs = []
     train(TrainConfig(model=str(run_model), data=str(text_file), out=str(run), steps=20, seq_len=32, lr=1e-2, rank=8,
                       alpha=16, warmup_steps=2, sample_tokens=0, eval_sequences=8, eval_fraction=0.1, device="cpu",
-                      save_every=0, merge_aware="q4_0"), log=quiet, progress=False)
+                      save_every=0, merge_aware="q4_0", merge_aware_after=10), log=logs.append, progress=False)
+    assert "step 11: merge-aware training for q4_0 from here on" in logs  # plain LoRA for the first 10
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata()["merge_aware_format"] == "q4_0"
     out = tmp_path / "m.gguf"
@@ -502,3 +504,12 @@ def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file,
     want = gguf_types.quantize(layer.dequantize(torch.float32) + layer.delta_weight().detach().float(), "q4_0")
     stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}["blk.0.attn_v.weight"]
     assert np.array_equal(stored.reshape(-1), want["blocks"].numpy().reshape(-1))
+
+
+def test_merge_aware_settings_are_checked():
+    from qlora_kit.config import TrainConfig
+
+    with pytest.raises(ValueError, match="merge-aware format"):
+        TrainConfig(merge_aware="bf16")
+    with pytest.raises(ValueError, match="merge-aware-after"):
+        TrainConfig(merge_aware="q4_0", steps=10, merge_aware_after=10)
