@@ -193,6 +193,7 @@ class _Streamed:
                 streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
             if cast or self.floor_everywhere:
                 streams["export_base"] = blocks.copy(streams["export"])
+            del cast  # the stored embedding's values: made again for the head at the end, not held meanwhile
             # else the export's format holds the base's own values so far: that stream is forked from the base's
             # at the first block where it does not (if any), and until then the rounding floor is exactly 0
         self._write_outside(writer)
