@@ -46,4 +46,8 @@ run moe $py benchmarks/bench_moe.py --device cuda --dtype bf16 --tokens 4096 --j
 run merge-780m $py benchmarks/bench_merge.py --case 780m --formats bf16,nf4 --peft --work "$out/merge-work" \
     --json "$out/merge-780m.json"
 run merge-8b $py benchmarks/bench_merge.py --case 8b --formats nf4 --work "$out/merge-work" --json "$out/merge-8b.json"
+# merge-aware training's step-time cost on a GPU (the quickstart, plain vs --merge-aware nf4 / q4_0), and what
+# the exports keep
+run gguf-train $py benchmarks/bench_gguf.py train --work "$out/gguf-work" --rounds 2 \
+    --variants "plain,merge-aware nf4,merge-aware q4_0" --json "$out/gguf-train.json"
 echo "results in $out/"
