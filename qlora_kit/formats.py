@@ -123,7 +123,7 @@ def _quantize_4bit_cpu(w: Tensor, blocksize: int, quant: str) -> tuple[Tensor, T
     blocks = w.reshape(-1, blocksize).float()
     absmax = blocks.abs().max(dim=-1)[0]
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    q = torch.zeros(scaled.shape, dtype=torch.uint8)
+    q = torch.zeros(scaled.shape, dtype=torch.uint8, device=w.device)
     for b in bounds.tolist():
         q += scaled > b
     if quant != "nf4":

@@ -81,6 +81,17 @@ def _rope(config) -> tuple[float, dict]:
     return float(theta), dict(params)
 
 
+def _arch(fam: Family):
+    """The gguf package's MODEL_ARCH for a family (refused when the installed gguf predates it)."""
+    import gguf
+
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch), None)
+    if arch is None:
+        raise ValueError(f"the installed gguf package ({getattr(gguf, '__version__', '?')}) does not know the "
+                         f"{fam.arch!r} architecture; upgrade it (pip install -U gguf)")
+    return arch
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -99,13 +110,13 @@ def _dense_type(cfg: MergeConfig) -> str:
     return {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}[cfg.format] if not cfg.quantized else "q8_0"
 
 
-def tensor_plan(model: nn.Module, config, fam: Family, cfg: MergeConfig, skip: str | None = None) -> dict[str, Planned]:
+def tensor_plan(model: nn.Module, config, fam: Family, cfg: MergeConfig,
+                untied: tuple[str, str] | None = None) -> dict[str, Planned]:
     """Checkpoint key -> GGUF name, shape, type and transform, for every tensor the export writes (from the shapes
     of the meta model: no weight is read). Raises ValueError for a tensor with no GGUF name."""
     import gguf
 
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(_arch(fam), config.num_hidden_layers)
     linear_type = cfg.format if cfg.quantized else _dense_type(cfg)
     other_type = _dense_type(cfg)
     plan: dict[str, Planned] = {}
@@ -144,6 +155,9 @@ def tensor_plan(model: nn.Module, config, fam: Family, cfg: MergeConfig, skip: s
             elif fam.norm_plus_one and gname.endswith("norm.weight"):
                 transform = "norm"
             plan[key] = Planned(gname, shape, t, transform)
+    if untied and untied[1] not in plan and untied[0] in plan:  # the checkpoint's own head, though the config ties
+        plan[untied[1]] = Planned(names.get_name(untied[1], try_suffixes=(".weight",)) or "output.weight",
+                                  plan[untied[0]].shape, plan[untied[0]].type)
     return plan
 
 
@@ -203,13 +217,15 @@ class GGUFFile:
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), n, raw_dtype=gguf_types.ggml_type(p.type))
             self.offsets[key], self.nbytes[key] = offset, n
             offset += -(-n // ALIGNMENT) * ALIGNMENT
-        self._guard(lambda: (w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file()))
-        f = w.fout[0]
-        start = f.tell()
-        self.data_start = -(-start // ALIGNMENT) * ALIGNMENT
-        f.write(b"\0" * (self.data_start - start))
-        f.flush()
-        w.close()
+        self.total = offset  # the data alone, until the header's size is known
+        try:
+            self._guard(lambda: (w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file()))
+            f = w.fout[0]
+            start = f.tell()
+            self.data_start = -(-start // ALIGNMENT) * ALIGNMENT
+            self._guard(lambda: (f.write(b"\0" * (self.data_start - start)), f.flush()))
+        finally:
+            w.close()
         self.total = self.data_start + offset
         self.fd = os.open(self.path, os.O_RDWR)
         self.keys: set[str] = set()
@@ -236,11 +252,19 @@ class GGUFFile:
             done += os.pwrite(self.fd, view[done:done + (64 << 20)], pos + done)
 
     def close(self) -> None:
-        missing = [k for k in self.plan if k not in self.keys]
-        if missing:
-            raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
-        self._guard(lambda: (os.ftruncate(self.fd, self.total), os.fsync(self.fd)))
-        os.close(self.fd)
+        try:
+            missing = [k for k in self.plan if k not in self.keys]
+            if missing:
+                raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
+            self._guard(lambda: (os.ftruncate(self.fd, self.total), os.fsync(self.fd)))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file (the merge failed: its temporary name is removed by the caller)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def _guard(self, fn) -> None:
         try:
@@ -249,7 +273,7 @@ class GGUFFile:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 free = shutil.disk_usage(self.path.parent).free
                 raise OSError(e.errno, f"{self.path.parent}: disk full while writing the GGUF file ({free / 2**20:.0f} "
-                                       f"MiB free; it needs {getattr(self, 'total', 0) / 2**20:.0f} MiB); nothing "
+                                       f"MiB free; it needs {self.total / 2**20:.0f} MiB or more); nothing "
                                        "was written") from None
             raise
 
@@ -324,10 +348,10 @@ def rope_freqs(config) -> Tensor | None:
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
 
-_CONTROL, _USER_DEFINED, _NORMAL, _UNKNOWN, _BYTE = 3, 4, 1, 2, 6
+_CONTROL, _USER_DEFINED, _NORMAL, _UNKNOWN, _UNUSED, _BYTE = 3, 4, 1, 2, 5, 6
 
 
-def tokenizer_kv(src: Path, tok, source_gguf: Path | None, fam: Family):
+def tokenizer_kv(src: Path, tok, source_gguf: Path | None, fam: Family, vocab_size: int | None = None):
     """A function adding the tokenizer's keys to a GGUFWriter. A model that came from a GGUF file keeps that
     file's tokenizer keys exactly; otherwise they are built from tokenizer.json (byte-level BPE -> 'gpt2';
     sentencepiece BPE with byte fallback or Unigram -> 'llama'). Raises ValueError for a tokenizer GGUF cannot
@@ -361,8 +385,13 @@ def tokenizer_kv(src: Path, tok, source_gguf: Path | None, fam: Family):
     for i, a in added.items():
         vocab.setdefault(a["content"], i)
     n = max(max(vocab.values()) + 1, len(tok))
+    if vocab_size is not None:  # llama.cpp wants one token per embedding row
+        if n > vocab_size:
+            raise ValueError(f"{path}: the tokenizer has ids up to {n - 1}, beyond the model's {vocab_size} "
+                             "embedding rows")
+        n = vocab_size
     tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [_USER_DEFINED] * n  # ids with no token (holes) are padding entries, as llama.cpp's converter writes
+    types = [_UNUSED] * n  # ids with no token (rows past the vocabulary): padding, as llama.cpp's converter writes
     for t, i in vocab.items():
         tokens[i], types[i] = t, _NORMAL
     if len(set(tokens)) != len(tokens):
@@ -471,7 +500,8 @@ class Target:
     values a reader gets back for the tensors outside the linear layers. Everything a model or tokenizer could
     fail on is checked here, before any work."""
 
-    def __init__(self, cfg: MergeConfig, model: nn.Module, config, src: Path, tok, expert_stacks: int):
+    def __init__(self, cfg: MergeConfig, model: nn.Module, config, src: Path, tok, expert_stacks: int,
+                 untied: tuple[str, str] | None = None):
         from . import defaults
 
         self.cfg, self.config = cfg, config
@@ -479,7 +509,7 @@ class Target:
         if expert_stacks:
             raise ValueError(f"{src}: GGUF export of expert stacks (mixture-of-experts) is not supported; export a "
                              "bitsandbytes or bf16 folder instead")
-        self.plan = tensor_plan(model, config, self.fam, cfg)
+        self.plan = tensor_plan(model, config, self.fam, cfg, untied)
         if cfg.quantized:
             for key, p in self.plan.items():
                 if len(p.shape) == 2 and not gguf_types.fits(cfg.format, p.shape[1]):
@@ -493,7 +523,7 @@ class Target:
         except (OSError, ValueError):
             source = None
         source = source if source is not None and source.suffix == ".gguf" and source.is_file() else None
-        self.tokenizer = tokenizer_kv(src, tok, source, self.fam)
+        self.tokenizer = tokenizer_kv(src, tok, source, self.fam, config.vocab_size)
         self.name = source.stem if source is not None else Path(str(src)).name
 
     def kv(self, w) -> None:
@@ -560,9 +590,11 @@ def export_lora(cfg: LoraExportConfig, log=print) -> dict:
     model = meta_quantized(config, qcfg, "cpu")
     apply_adapter(model, Path(cfg.adapter), adapter_cfg, pairs)  # refuses an adapter for another base
     layers = lora_layers(model)
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(_arch(fam), config.num_hidden_layers)
     alpha = float(adapter_cfg.get("lora_alpha", 8))
+    if alpha == 0:
+        raise ValueError(f"{cfg.adapter}: lora_alpha is 0, which a GGUF LoRA file cannot express (llama.cpp reads "
+                         "alpha 0 as scale 1)")
     tensors = []
     for name, (a, b) in pairs.items():
         layer = layers.get(name)
@@ -581,16 +613,18 @@ def export_lora(cfg: LoraExportConfig, log=print) -> dict:
         tensors += [(f"{gname}.lora_a", a.float().contiguous()), (f"{gname}.lora_b", b.contiguous())]
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
-        w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        w.add_name(f"{Path(cfg.adapter).name} (LoRA)")
-        for tname, t in tensors:
-            w.add_tensor(tname, t.numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            w.add_type(gguf.GGUFType.ADAPTER)
+            w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            w.add_name(f"{Path(cfg.adapter).name} (LoRA)")
+            for tname, t in tensors:
+                w.add_tensor(tname, t.numpy())
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     summary = {"out": str(out), "architecture": fam.arch, "layers": len(pairs), "alpha": alpha,
                "bytes": out.stat().st_size, "qk_permuted": fam.permute_qk}
     log(f"GGUF LoRA written to {out}: {len(pairs)} layers, alpha {alpha:g}, {summary['bytes'] / 2**20:.1f} MiB "

@@ -72,8 +72,8 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     shapes = _checked_shapes(parts, qcfg, Path(cfg.adapter), adapter_cfg, pairs, cfg, src)
     export_q = dataclasses.replace(qcfg, quant=cfg.format if cfg.quantized else qcfg.quant)
     tok = load_tokenizer(src)
-    target = (GGUFTarget(cfg, shapes["model"], parts.model.config, src, tok, shapes["stacks"]) if cfg.gguf
-              else None)  # refuses an unmappable model first
+    target = (GGUFTarget(cfg, shapes["model"], parts.model.config, src, tok, shapes["stacks"], parts.untied_ends())
+              if cfg.gguf else None)  # refuses an unmappable model first
     eval_set, calib = _eval_and_calibration(cfg, tok, log)
     method = cfg.resolved_method()
     aware = adapter_cfg.get(MERGE_AWARE)
@@ -108,7 +108,10 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
         report["gguf"] = target.summary()
         with atomic_file(out) as tmp:
             writer = target.writer(tmp)
-            _run(job, writer, calib, eval_set, progress_bar, report, cfg)
+            try:
+                _run(job, writer, calib, eval_set, progress_bar, report, cfg)
+            finally:
+                writer.abort()  # closed already when complete; on failure its space goes with the temporary name
             atomic_write_bytes(report_path(cfg), (json.dumps(report, indent=2) + "\n").encode())
     else:
         with atomic_dir(out) as tmp:

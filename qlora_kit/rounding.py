@@ -159,13 +159,12 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
             update is measured against.
     """
     fresh = {n: formats.quantize(w, q) for n, w in merged.items()}
-    alone = {}
-    if without:
-        alone = {n: base_packed.get(n) or formats.quantize(w, q) for n, w in without.items()}
-    if method == "rtn":
+    without = without or {}
+    if method == "rtn":  # the floor: the weight without the update rounded to nearest too
         return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh",
-                           _dequantize(alone[n], merged[n].shape, q) if n in alone else None)
+                           _dequantize(formats.quantize(without[n], q), merged[n].shape, q) if n in without else None)
                 for n, p in fresh.items()}
+    alone = {n: base_packed.get(n) or formats.quantize(w, q) for n, w in without.items()}
     # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
     # block's range), and the base's own; the lower output error on the calibration inputs wins
     cands = [(n, "fresh", p, merged[n]) for n, p in fresh.items()]

@@ -513,3 +513,42 @@ def test_merge_aware_settings_are_checked():
         TrainConfig(merge_aware="bf16")
     with pytest.raises(ValueError, match="merge-aware-after"):
         TrainConfig(merge_aware="q4_0", steps=10, merge_aware_after=10)
+
+
+def test_token_list_has_one_entry_per_embedding_row(text, tmp_path):
+    """llama.cpp takes the vocabulary size from the token list and wants token_embd to match: rows past the
+    tokenizer's ids are padding tokens ([PADn], type UNUSED), as llama.cpp's converter writes them."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    tok = make_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok) + 5, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    q = qk.load_quantized(folder, compute_dtype=torch.float32)
+    qk.add_lora(q, r=4, alpha=8, dropout=0.0)
+    qk.save_adapter(q, tmp_path / "adapter")
+    out = tmp_path / "m.gguf"
+    merge(MergeConfig(model=str(folder), adapter=str(tmp_path / "adapter"), out=str(out), format="q8_0", eval=False,
+                      eval_data=str(text), seq_len=32, calib_tokens=128), log=quiet)
+    reader = gguf.GGUFReader(str(out))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == cfg.vocab_size and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]" and types[-5:] == [5] * 5
+    model, _ = read_back(out)
+    assert model.config.vocab_size == cfg.vocab_size
+
+
+def test_gguf_lora_refuses_alpha_zero(family_models, tmp_path):
+    folder, adapter = family_models["llama"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = 0
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    (bad / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="lora_alpha is 0"):
+        export_lora(LoraExportConfig(model=str(folder), adapter=str(bad), out=str(tmp_path / "l.gguf")), log=quiet)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
