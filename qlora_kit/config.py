@@ -204,7 +204,7 @@ class TrainConfig:
                                          "export will store it (straight-through gradients), so the merged export "
                                          "is the model that was trained")
     merge_aware_after: int = _opt(0, "with --merge-aware: plain LoRA for this many steps first, then merge-aware "
-                                     "(the update's direction is learnt before the rounding is)")
+                                     "(torchtune's fake_quant_after_n_steps)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
                                       "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
