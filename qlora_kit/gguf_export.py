@@ -103,7 +103,8 @@ class Planned:
     name: str  # GGUF name
     shape: tuple[int, ...]  # Hugging Face order (out, in)
     type: str  # f32 / f16 / bf16 / a GGUF block type
-    transform: str | None = None  # "q" / "k" (rows permuted), "norm" (1 + w)
+    heads: int | None = None  # Q or K of the llama family: rows permuted within this many heads
+    plus_one: bool = False  # a Gemma norm: stored as 1 + w
 
 
 def _dense_type(cfg: MergeConfig) -> str:
@@ -112,7 +113,7 @@ def _dense_type(cfg: MergeConfig) -> str:
 
 def tensor_plan(model: nn.Module, config, fam: Family, cfg: MergeConfig,
                 untied: tuple[str, str] | None = None) -> dict[str, Planned]:
-    """Checkpoint key -> GGUF name, shape, type and transform, for every tensor the export writes (from the shapes
+    """Checkpoint key -> GGUF name, shape, type and the permutation / norm offset, for every tensor the export writes (from the shapes
     of the meta model: no weight is read). Raises ValueError for a tensor with no GGUF name."""
     import gguf
 
@@ -147,18 +148,27 @@ def tensor_plan(model: nn.Module, config, fam: Family, cfg: MergeConfig,
                 t = linear_type if is_linear else other_type
                 if t in GGUF_QUANTS and not gguf_types.fits(t, shape[-1]):
                     t = "f16"  # rows that do not split into blocks of 32 stay 16-bit, as llama.cpp's converter does
-            transform = None
-            if fam.permute_qk and gname.endswith(("attn_q.weight", "attn_q.bias")):
-                transform = "q"
-            elif fam.permute_qk and gname.endswith(("attn_k.weight", "attn_k.bias")):
-                transform = "k"
-            elif fam.norm_plus_one and gname.endswith("norm.weight"):
-                transform = "norm"
-            plan[key] = Planned(gname, shape, t, transform)
+            plan[key] = Planned(gname, shape, t, permuted_heads(gname, config, fam),
+                                fam.norm_plus_one and gname.endswith("norm.weight"))
     if untied and untied[1] not in plan and untied[0] in plan:  # the checkpoint's own head, though the config ties
         plan[untied[1]] = Planned(names.get_name(untied[1], try_suffixes=(".weight",)) or "output.weight",
                                   plan[untied[0]].shape, plan[untied[0]].type)
     return plan
+
+
+_DENSE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def permuted_heads(gname: str, config, fam: Family) -> int | None:
+    """The head count whose rows llama.cpp's rotary layout permutes, for a Q or K tensor (weight, bias, or a
+    LoRA factor of one) of the llama family; None for every other tensor."""
+    if not fam.permute_qk:
+        return None
+    if gname.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_attention_heads
+    if gname.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_key_value_heads
+    return None
 
 
 def permute_rows(w: Tensor, n_head: int) -> Tensor:
@@ -174,9 +184,9 @@ def stored_dense(t: Tensor, planned: Planned) -> Tensor:
     x = t.detach().float()
     if planned.type in GGUF_QUANTS:
         return gguf_types.fake_quantize(x, planned.type)  # a slice of rows at a time
-    if planned.transform == "norm":
+    if planned.plus_one:
         return (x + 1) - 1
-    return x.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[planned.type]).float()
+    return x.to(_DENSE[planned.type]).float()
 
 
 def _payload(t: Tensor, planned: Planned, config) -> np.ndarray:
@@ -185,15 +195,14 @@ def _payload(t: Tensor, planned: Planned, config) -> np.ndarray:
         data = t
     else:
         x = t.detach().float()
-        if planned.transform == "norm":
+        if planned.plus_one:
             x = x + 1
         if planned.type in GGUF_QUANTS:
             data = gguf_types.quantize(x, planned.type)["blocks"]
         else:
-            data = x.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[planned.type])
-    if planned.transform in ("q", "k"):
-        heads = config.num_attention_heads if planned.transform == "q" else config.num_key_value_heads
-        data = permute_rows(data, heads)
+            data = x.to(_DENSE[planned.type])
+    if planned.heads:
+        data = permute_rows(data, planned.heads)
     data = data.contiguous()
     if data.dtype == torch.bfloat16:
         data = data.view(torch.int16)
@@ -539,7 +548,7 @@ class Target:
     def stored(self, key: str, t: Tensor) -> Tensor | None:
         """The fp32 value a reader gets back for a tensor outside the linear layers (None: the tensor itself)."""
         p = self.plan.get(key)
-        if p is None or (p.type == "f32" and p.transform is None and t.dtype == torch.float32):
+        if p is None or (p.type == "f32" and not p.plus_one and t.dtype == torch.float32):
             return None
         return stored_dense(t, p)
 
@@ -606,10 +615,9 @@ def export_lora(cfg: LoraExportConfig, log=print) -> dict:
             raise ValueError(f"{name}: layer has no GGUF name for architecture {fam.arch!r}")
         r = a.shape[0]
         b = b.float() * (float(layer.scaling) / (alpha / r))  # llama.cpp's scale is alpha / r
-        if fam.permute_qk and gname.endswith("attn_q.weight"):
-            b = permute_rows(b, config.num_attention_heads)
-        elif fam.permute_qk and gname.endswith("attn_k.weight"):
-            b = permute_rows(b, config.num_key_value_heads)
+        heads = permuted_heads(gname, config, fam)
+        if heads:
+            b = permute_rows(b, heads)
         tensors += [(f"{gname}.lora_a", a.float().contiguous()), (f"{gname}.lora_b", b.contiguous())]
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.arch)

@@ -122,20 +122,24 @@ def nearest(w: Tensor, t: str) -> tuple[Tensor, Tensor | None, Tensor]:
     return d[..., 0].to(torch.float16).float(), m, codes.view(w.shape)
 
 
-def fields(packed: dict[str, Tensor], t: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(d, m, codes) of a packed weight: scales and minima (out, in / 32) float32 (m None for the _0 types),
-    codes (out, in) int16 (Q8_0: the signed value; others: 0..2^bits - 1)."""
-    out_f, in_f = shape
-    b = packed["blocks"].view(out_f, in_f // BLOCK, block_bytes(t))
+def scales(packed: dict[str, Tensor], t: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """(d, m) of a packed weight: per-block scales and minima (out, in / 32) float32 (m None for the _0 types),
+    read without decoding the codes."""
+    b = packed["blocks"].view(shape[0], shape[1] // BLOCK, block_bytes(t))
 
     def f16(lo: int) -> Tensor:
         return b[..., lo:lo + 2].contiguous().view(torch.float16)[..., 0].float()
 
-    d = f16(0)
-    pos = 2
-    m = None
-    if t in _HAS_MIN:
-        m, pos = f16(2), 4
+    return f16(0), (f16(2) if t in _HAS_MIN else None)
+
+
+def fields(packed: dict[str, Tensor], t: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d, m, codes) of a packed weight: `scales`, and codes (out, in) int16 (Q8_0: the signed value; others:
+    0..2^bits - 1)."""
+    out_f, in_f = shape
+    b = packed["blocks"].view(out_f, in_f // BLOCK, block_bytes(t))
+    d, m = scales(packed, t, shape)
+    pos = 4 if t in _HAS_MIN else 2
     if t == "q8_0":
         codes = b[..., pos:pos + 32].contiguous().view(torch.int8).to(torch.int16)
         return d, m, codes.view(out_f, in_f)

@@ -179,7 +179,7 @@ class _Streamed:
         self.stacks: set[str] = set()  # the expert stacks of the current block
         self.floor: dict[str, Tensor] = {}  # the current block's layers rounded without their update
         # whether the export's format changes the base's linear weights (otherwise it stores the base's own codes)
-        self.floor_everywhere = not (cfg.quantized and cfg.format == parts.cfg.quant and cfg.onto == "quantized")
+        self.floor_everywhere = not (cfg.quantized and self._base_is_floor(parts.cfg.quant))
 
     def run(self, writer: ShardWriter, calib: Sequences, eval_set: Sequences | None,
             progress: merge_report.Progress) -> list:
@@ -285,13 +285,13 @@ class _Streamed:
         src = self.original.weight(n, layer) if self.original else base
         if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
             return src.to(self.dense).float()
-        if self._base_is_floor(layer):
+        if self._base_is_floor(layer.quant):
             return base
         return export.stored_value(formats.quantize(src, q), layer, cfg, q)
 
-    def _base_is_floor(self, layer: QuantLinear) -> bool:
+    def _base_is_floor(self, quant: str) -> bool:
         """Whether the export stores the trained codes themselves when there is no update (same format)."""
-        return self.cfg.format == layer.quant and not self.original
+        return self.cfg.format == quant and not self.original
 
     def _base_grid(self, n: str, layer: QuantLinear, base: Tensor) -> dict[str, Tensor] | None:
         """The packed base whose scales are the second candidate grid: the trained layer's own (same format),
@@ -319,7 +319,7 @@ class _Streamed:
             # the layers rounded together are merged together; the others one at a time
             merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
             # the floor: the same rounding of the weights without the update, in the same pass
-            without = {n: self._src(n, lora[n], base[n]) for n in requant if not self._base_is_floor(lora[n])}
+            without = {n: self._src(n, lora[n], base[n]) for n in requant if not self._base_is_floor(lora[n].quant)}
             rounded = requantize_group(merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, q,
                                        self.method, h, self.device, without=without) if requant else {}
             del merged, without

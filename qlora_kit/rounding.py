@@ -174,7 +174,7 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
     for _, _, like, w in cands:
         shape = tuple(w.shape)
         if q.quant in gguf_types.TYPES:  # GGUF blocks of 32: the f16 scales (and minima) the file will store
-            d, m, _ = gguf_types.fields(like, q.quant, shape)
+            d, m = gguf_types.scales(like, q.quant, shape)
             grids.append(Grid(d, gguf_types.BLOCK, gguf_types.table(q.quant), m))
             continue
         scales = formats.block_scales(like, q.quant, shape, q.blocksize)
@@ -206,8 +206,7 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
 def _pack(codes: Tensor, like: dict[str, Tensor], quant: str, shape: tuple[int, int]) -> dict[str, Tensor]:
     """The packed form with these codes on the grid of `like`."""
     if quant in gguf_types.TYPES:
-        d, m, _ = gguf_types.fields(like, quant, shape)
-        return gguf_types.pack(codes, d, m, quant)
+        return gguf_types.pack(codes, *gguf_types.scales(like, quant, shape), quant)
     return formats.pack_int8_codes(codes, like) if quant == "int8" else formats.pack_4bit_codes(codes, like)
 
 

@@ -108,15 +108,6 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    from .conftest import synthetic_text
-
-    path = tmp_path_factory.mktemp("gguf_data") / "play.txt"
-    path.write_text(synthetic_text())
-    return path
-
-
-@pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
     """{family: (model folder, adapter folder)}: a tiny random model with its tokenizer and a random r=4 adapter."""
     out = {}
@@ -174,14 +165,14 @@ def rtn_reference(folder: Path, adapter: Path, fmt: str):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_reads_back_in_transformers(family, family_models, text, tmp_path):
+def test_every_family_reads_back_in_transformers(family, family_models, text_file, tmp_path):
     """Round to nearest, so an independent reference exists: transformers' reader gives the reference's logits
     (the same weights, fp32 arithmetic), and the tokenizer gives the source tokenizer's ids."""
     folder, adapter = family_models[family]
     fmt = "q4_0" if family in ("llama", "gemma2") else "q8_0" if family in ("qwen2", "gemma3_text") else "q5_1"
     out = tmp_path / f"{family}.gguf"
     report = merge(MergeConfig(model=str(folder), adapter=str(adapter), out=str(out), format=fmt, method="rtn",
-                               eval_data=str(text), seq_len=32, eval_sequences=4, calib_tokens=256), log=quiet)
+                               eval_data=str(text_file), seq_len=32, eval_sequences=4, calib_tokens=256), log=quiet)
     model, tok = read_back(out)
     ref, unmerged = rtn_reference(folder, adapter, fmt)
     ids = torch.randint(3, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -204,10 +195,10 @@ def test_every_family_reads_back_in_transformers(family, family_models, text, tm
 
 
 @pytest.mark.parametrize("fmt,tol", [("fp32", 1e-5), ("fp16", 3e-3), ("bf16", 2e-2)])
-def test_16bit_gguf_matches_the_unmerged_model(family_models, text, tmp_path, fmt, tol):
+def test_16bit_gguf_matches_the_unmerged_model(family_models, text_file, tmp_path, fmt, tol):
     folder, adapter = family_models["llama"]
     out = tmp_path / "m.gguf"
-    merge(MergeConfig(model=str(folder), adapter=str(adapter), out=str(out), format=fmt, eval_data=str(text),
+    merge(MergeConfig(model=str(folder), adapter=str(adapter), out=str(out), format=fmt, eval_data=str(text_file),
                       seq_len=32, eval_sequences=4, calib_tokens=256), log=quiet)
     model, _ = read_back(out)
     q = qk.load_quantized(folder, compute_dtype=torch.float32)
@@ -217,12 +208,12 @@ def test_16bit_gguf_matches_the_unmerged_model(family_models, text, tmp_path, fm
         assert rel_err(model(ids).logits, q.eval()(ids).logits) < tol
 
 
-def test_report_scores_the_file_transformers_reads(family_models, text, tmp_path):
+def test_report_scores_the_file_transformers_reads(family_models, text_file, tmp_path):
     """The merge's streamed evaluation of the export as stored (GPTQ codes) is what transformers computes from
     the file: the same perplexity on the same rows."""
     folder, adapter = family_models["mistral"]
     out = tmp_path / "m.gguf"
-    cfg = MergeConfig(model=str(folder), adapter=str(adapter), out=str(out), format="q4_1", eval_data=str(text),
+    cfg = MergeConfig(model=str(folder), adapter=str(adapter), out=str(out), format="q4_1", eval_data=str(text_file),
                       seq_len=32, eval_sequences=6, calib_tokens=256)
     report = merge(cfg, log=quiet)
     model, _ = read_back(out)
@@ -268,24 +259,24 @@ def test_gptq_on_gguf_grids_keeps_a_small_update_round_to_nearest_loses(t):
 # ---- GGUF LoRA ----------------------------------------------------------------------------------------------------
 
 def _zero_b(adapter: Path, out: Path) -> Path:
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     out.mkdir()
     (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     tensors = load_file(adapter / "adapter_model.safetensors")
-    with open(adapter / "adapter_model.safetensors", "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__")
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
     save_file({k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in tensors.items()},
               out / "adapter_model.safetensors", metadata=meta)
     return out
 
 
-def test_gguf_lora_is_the_update_the_merge_applies(family_models, text, tmp_path):
+def test_gguf_lora_is_the_update_the_merge_applies(family_models, text_file, tmp_path):
     """In GGUF's own layout (Q/K rows permuted): merged(adapter) - merged(B = 0) = (alpha / r) * lora_b @ lora_a,
     read raw from the two files."""
     folder, adapter = family_models["llama"]
-    cfg = dict(model=str(folder), eval_data=str(text), seq_len=32, eval_sequences=2, calib_tokens=128, eval=False,
+    cfg = dict(model=str(folder), eval_data=str(text_file), seq_len=32, eval_sequences=2, calib_tokens=128, eval=False,
                format="fp32")
     merge(MergeConfig(adapter=str(adapter), out=str(tmp_path / "with.gguf"), **cfg), log=quiet)
     merge(MergeConfig(adapter=str(_zero_b(adapter, tmp_path / "zero")), out=str(tmp_path / "without.gguf"), **cfg),
@@ -367,9 +358,9 @@ def test_round_trip_gguf_in_fine_tune_gguf_out(run_model, text_file, tmp_path):
 
 # ---- refusals ---------------------------------------------------------------------------------------------------
 
-def test_refusals_leave_nothing_behind(family_models, model_dirs, text, tmp_path):
+def test_refusals_leave_nothing_behind(family_models, model_dirs, text_file, tmp_path):
     folder, adapter = family_models["llama"]
-    base = dict(model=str(folder), adapter=str(adapter), eval_data=str(text), seq_len=32, eval_sequences=2,
+    base = dict(model=str(folder), adapter=str(adapter), eval_data=str(text_file), seq_len=32, eval_sequences=2,
                 calib_tokens=128)
     with pytest.raises(ValueError, match="q4_k.*llama-quantize"):
         MergeConfig(out=str(tmp_path / "x.gguf"), format="q4_k", **base)
@@ -408,7 +399,7 @@ def test_refusals_leave_nothing_behind(family_models, model_dirs, text, tmp_path
     assert left == ["there.gguf"], left
 
 
-def test_disk_full_leaves_no_partial_gguf(family_models, text, tmp_path, monkeypatch):
+def test_disk_full_leaves_no_partial_gguf(family_models, text_file, tmp_path, monkeypatch):
     import errno
     import os
 
@@ -425,7 +416,7 @@ def test_disk_full_leaves_no_partial_gguf(family_models, text, tmp_path, monkeyp
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match="disk full"):
         merge(MergeConfig(model=str(folder), adapter=str(adapter), out=str(tmp_path / "x.gguf"), format="q8_0",
-                          eval_data=str(text), seq_len=32, eval_sequences=2, calib_tokens=128), log=quiet)
+                          eval_data=str(text_file), seq_len=32, eval_sequences=2, calib_tokens=128), log=quiet)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -515,7 +506,7 @@ def test_merge_aware_settings_are_checked():
         TrainConfig(merge_aware="q4_0", steps=10, merge_aware_after=10)
 
 
-def test_token_list_has_one_entry_per_embedding_row(text, tmp_path):
+def test_token_list_has_one_entry_per_embedding_row(text_file, tmp_path):
     """llama.cpp takes the vocabulary size from the token list and wants token_embd to match: rows past the
     tokenizer's ids are padding tokens ([PADn], type UNUSED), as llama.cpp's converter writes them."""
     from transformers import LlamaConfig
@@ -532,7 +523,7 @@ def test_token_list_has_one_entry_per_embedding_row(text, tmp_path):
     qk.save_adapter(q, tmp_path / "adapter")
     out = tmp_path / "m.gguf"
     merge(MergeConfig(model=str(folder), adapter=str(tmp_path / "adapter"), out=str(out), format="q8_0", eval=False,
-                      eval_data=str(text), seq_len=32, calib_tokens=128), log=quiet)
+                      eval_data=str(text_file), seq_len=32, calib_tokens=128), log=quiet)
     reader = gguf.GGUFReader(str(out))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     types = reader.fields["tokenizer.ggml.token_type"].contents()
