@@ -1,4 +1,4 @@
-"""The `qlora-kit` command: train, eval, generate, merge, memory, smoke.
+"""The `qlora-kit` command: train, eval, generate, merge, export-lora, serve, memory, smoke.
 
 The flags of train, eval, generate and merge are generated from the fields of TrainConfig, EvalConfig,
 GenerateConfig and MergeConfig (one flag per field, its help from the field), so the CLI, the YAML
@@ -27,6 +27,7 @@ from .config import (  # noqa: E402
     InferenceConfig,
     LoraExportConfig,
     MergeConfig,
+    ServeConfig,
     TrainConfig,
     cli_fields,
     one_line,
@@ -182,6 +183,38 @@ def _export_lora(args: argparse.Namespace) -> None:
     export_lora(dataclass_from_args(args, LoraExportConfig))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import socket
+
+    from .config import parse_dtype
+    from .engine import Engine
+    from .loading import load_model_and_tokenizer, resolve_device
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(f"qlora-kit serve needs {e.name}: pip install 'qlora-kit[serve]'") from None
+
+    cfg = dataclass_from_args(args, ServeConfig)
+    with socket.socket() as probe:  # before minutes of loading: is the address ours to take?
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+    device = resolve_device(cfg.device)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.quant_config(device), device, cfg.cache_dir)
+    engine = Engine(model, tok, max_batch=cfg.max_batch, adapter_dtype=parse_dtype(cfg.adapter_dtype))
+    for name, folder in cfg.adapters().items():
+        info = engine.load_adapter(name, folder)
+        print(f"adapter {name}: {folder}, r={info.rank} on {info.layers} layers, {info.nbytes / 2**20:.1f} MiB",
+              file=sys.stderr)
+    serve(engine, cfg.base_name, cfg.host, cfg.port, on_ready=lambda: print(
+        f"serving {cfg.base_name!r} with {len(cfg.adapter)} adapter(s) at http://{cfg.host}:{cfg.port}/v1 "
+        "(Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True))
+    print("server stopped", file=sys.stderr)
+
+
 def _memory(args: argparse.Namespace) -> None:
     import json
 
@@ -322,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "ADAPTER)")
     add_dataclass_flags(x, LoraExportConfig)
     x.set_defaults(func=_export_lora)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server: one quantized base, many adapters, each "
+                                      "request's `model` naming its adapter")
+    add_dataclass_flags(sv, ServeConfig, only={f.name for f in cli_fields(ServeConfig)} - {"adapter", "seed"})
+    sv.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
+                    help="serve the PEFT adapter folder DIR as model NAME (repeat for more; more can be loaded at "
+                         "runtime with POST /v1/load_lora_adapter)")
+    sv.set_defaults(func=_serve)
 
     from .memory import MEMORY_FIELDS
 

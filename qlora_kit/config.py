@@ -384,6 +384,42 @@ class GenerateConfig(InferenceConfig):
     temperature: float = _opt(0.0, "0: greedy")
 
 
+@dataclass(kw_only=True)
+class ServeConfig(InferenceConfig):
+    """`qlora-kit serve`: an OpenAI-compatible server of one quantized base with many adapters."""
+
+    adapter: list[str] = field(default_factory=list, metadata={"help": "NAME=DIR: serve the adapter in DIR as model "
+                                                               "NAME (repeat the flag for more)"})
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    served_model_name: str | None = _opt(None, "the base model's name in requests (default: --model as given)")
+    max_batch: int = _opt(16, "requests decoded together at most; more wait their turn")
+    adapter_dtype: str = _opt("fp32", "dtype the adapters are kept in: fp32, bf16 or fp16")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_dtype(self.adapter_dtype, "adapter_dtype")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port={self.port} must be in 0..65535")
+        names = set()
+        for spec in self.adapter:
+            name, eq, folder = spec.partition("=")
+            if not eq or not name or not folder:
+                raise ValueError(f"--adapter {spec!r}: expected NAME=DIR")
+            if name in names or name == self.base_name:
+                raise ValueError(f"--adapter {spec!r}: the name {name!r} is already taken")
+            names.add(name)
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def adapters(self) -> dict[str, str]:
+        return dict(spec.split("=", 1) for spec in self.adapter)
+
+
 def cli_fields(cls) -> list:
     """The dataclass fields of `cls` that are command-line flags (those with help text)."""
     return [f for f in fields(cls) if "help" in f.metadata]
