@@ -307,13 +307,13 @@ class Engine:
                 room = self.max_batch - len(self.running)
                 admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             if admit:
-                self._prefill(admit)
+                self._prefill(sorted(admit, key=lambda r: r.adapter_id))  # rows grouped by adapter
             if self.running:
                 self._decode()
             self._free_retired()
             return bool(self.running or self.waiting)
 
-    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, adapter_ids: Tensor, cache: DynamicCache) -> Tensor:
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, adapter_ids: list[int], cache: DynamicCache) -> Tensor:
         device = self.bank.device
         with torch.no_grad(), self.bank.rows(adapter_ids):
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
@@ -329,7 +329,7 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        adapter_ids = torch.tensor([r.adapter_id for r in reqs])
+        adapter_ids = [r.adapter_id for r in reqs]
         logits = self._forward(ids, mask, pos, adapter_ids, cache)
         tokens = self._sample(logits, reqs)
         keep = [i for i, (r, t) in enumerate(zip(reqs, tokens, strict=True)) if not self._emit(r, t)]
@@ -352,10 +352,13 @@ class Engine:
         self._mask = torch.cat([_pad_left(self._mask, width, -1), _pad_left(mask, width, -1)])
         self._pos, self._last = torch.cat([self._pos, pos]), torch.cat([self._last, last])
         self.running += reqs
+        order = sorted(range(len(self.running)), key=lambda i: self.running[i].adapter_id)
+        if order != list(range(len(self.running))):  # rows grouped by adapter: one run of rows per adapter
+            self._select(order)
 
     def _decode(self) -> None:
         mask = torch.cat([self._mask, torch.ones((len(self.running), 1), dtype=torch.long)], dim=1)
-        adapter_ids = torch.tensor([r.adapter_id for r in self.running])
+        adapter_ids = [r.adapter_id for r in self.running]
         logits = self._forward(self._last[:, None], mask, self._pos[:, None], adapter_ids, self._cache)
         self._mask, self._pos = mask, self._pos + 1
         tokens = self._sample(logits, self.running)
@@ -371,11 +374,15 @@ class Engine:
             if not finished:
                 self._finish(r, "cancelled")
         keep = [i for i, r in enumerate(self.running) if id(r) not in gone]
-        self.running = [self.running[i] for i in keep]
         if not keep:
             self._reset()
             return
-        index = torch.tensor(keep)
+        self._select(keep)
+
+    def _select(self, rows: list[int]) -> None:
+        """Keep these rows of the running batch, in this order, and cut the cache columns none of them needs."""
+        index = torch.tensor(rows)
+        self.running = [self.running[i] for i in rows]
         mask = self._mask[index]
         first = int(mask.any(0).nonzero()[0])  # columns left of every row's first token hold nothing
         self._mask, self._pos, self._last = mask[:, first:], self._pos[index], self._last[index]

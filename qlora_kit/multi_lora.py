@@ -2,11 +2,13 @@
 
     y[b] = base(x[b]) + B_{a(b)} A_{a(b)} x[b]          a(b): the adapter row b names (none: the base alone)
 
-Every target layer is wrapped in a `MultiLoraLinear` that keeps, per rank, one stack of the adapters' factors
-with the adapter's scale folded into B: A (slots, r, in) and s*B (slots, out, r), slot 0 all zeros for rows
-that name no adapter (or an adapter that leaves this layer alone). A mixed batch costs one gathered batched
-matmul pair per layer and rank (as BGMV kernels do), never a forward per adapter, and no merged weight.
-Loading an adapter appends its own factors to the stacks; the base is never copied.
+Every target layer is wrapped in a `MultiLoraLinear` that holds each resident adapter's factors for it, the
+adapter's scale folded into B: A (r, in) and s*B (out, r). Within each layer's forward, the rows of a mixed batch
+are grouped by adapter: on a CPU each run of rows naming one adapter takes two matmuls added in place (each
+adapter's factors read once, nothing copied; the engine keeps rows sorted by adapter so runs are long); on a GPU
+each row's factors are stacked and multiplied in one bmm pair per rank (as BGMV kernels gather them). Rows that
+name no adapter, or one that leaves this layer alone, skip it. Never a forward per adapter, and no merged weight.
+Loading an adapter adds its own factors and nothing else (the base is never copied); unloading drops them.
 
 The `AdapterBank` owns the names and the current batch's per-row adapter ids (`with bank.rows(...)`).
 Changes to the bank (load, unload) must not overlap a forward: the serving engine makes them between steps.
@@ -24,19 +26,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import allocator
 from .adapters import FINGERPRINT, read_adapter
 from .config import QuantConfig, pattern_lookup
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, lora_layers, set_submodule, to_quant_linear
 
 
-@dataclass
-class _RankStack:
-    """The factors of every adapter of one rank on one layer; slot 0 is zeros."""
-
-    A: Tensor  # (slots, r, in)
-    B: Tensor  # (slots, out, r), scale folded in
-    slot_of: Tensor  # (adapter ids,) long: each adapter id's slot, 0 where it has none here
+def _add_product(out: Tensor, a: Tensor, B: Tensor) -> None:
+    """out += a @ B.T, in place (out is a slice of the layer's output)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, B.t())
+    else:
+        out.add_((a @ B.t()).to(out.dtype))
 
 
 class MultiLoraLinear(nn.Module):
@@ -47,66 +49,60 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         object.__setattr__(self, "bank", bank)  # shared, not a submodule
-        self.stacks: dict[int, _RankStack] = {}  # by rank; usually one
+        self.factors: dict[int, tuple[Tensor, Tensor]] = {}  # adapter id -> A (r, in), scale * B (out, r)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (..., out): the base's own path (Triton kernels on a GPU)
         ids = self.bank.current
-        if ids is None or not self.stacks:
+        if ids is None or not self.factors:
             return y
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in): the batch dimension comes first
-        if flat.shape[0] != ids.shape[0]:
-            raise RuntimeError(f"a layer saw {flat.shape[0]} rows in a batch of {ids.shape[0]}; per-row adapters "
-                               "need the batch dimension first")
-        out = None
-        for stack in self.stacks.values():
-            slot = stack.slot_of[ids]  # (B,)
-            a = torch.bmm(flat.to(stack.A.dtype), stack.A[slot].transpose(1, 2))  # (B, T, r)
-            d = torch.bmm(a, stack.B[slot].transpose(1, 2))  # (B, T, out)
-            out = d if out is None else out + d
-        return y + out.reshape(y.shape).to(y.dtype)
+        n = len(ids)
+        if x.shape[0] != n:
+            raise RuntimeError(f"a layer saw {x.shape[0]} rows in a batch of {n}; per-row adapters need the batch "
+                               "dimension first")
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in): row b's tokens are rows b*T .. (b+1)*T - 1
+        y = y.contiguous()
+        out = y.view(-1, self.out_features)  # (B*T, out), a view of y: the products are added in place
+        t = x2.shape[0] // n
+        if self.bank.gathered:
+            self._gathered(x2, out, ids, t)
+        else:
+            for i, start, stop in self.bank.runs:  # rows start..stop-1 all name adapter i
+                if i in self.factors:
+                    A, B = self.factors[i]
+                    a = x2[start * t: stop * t].to(A.dtype) @ A.t()  # (tokens, r)
+                    _add_product(out[start * t: stop * t], a, B)
+        return y
 
-    def add(self, adapter_id: int, A: Tensor, B: Tensor, n_ids: int) -> None:
-        """Append one adapter's A (r, in) and scaled B (out, r) to the stack of its rank."""
-        r = A.shape[0]
-        stack = self.stacks.get(r)
-        if stack is None:
-            zeros = torch.zeros((1, r, self.in_features), dtype=A.dtype, device=A.device)
-            stack = _RankStack(zeros, torch.zeros((1, self.out_features, r), dtype=B.dtype, device=B.device),
-                               torch.zeros(0, dtype=torch.long, device=A.device))
-        slots = stack.A.shape[0]
-        stack.A = torch.cat([stack.A, A[None]])
-        stack.B = torch.cat([stack.B, B[None]])
-        stack.slot_of = _grow(stack.slot_of, n_ids)
-        stack.slot_of[adapter_id] = slots
-        self.stacks[r] = stack
+    def _gathered(self, x2: Tensor, out: Tensor, ids: list[int], t: int) -> None:
+        """Each row's factors stacked and multiplied in one bmm pair per rank: few, large kernels (a GPU's way)."""
+        groups: dict[int, list[int]] = {}  # rank -> rows whose adapter has factors here
+        for row, i in enumerate(ids):
+            if i in self.factors:
+                groups.setdefault(self.factors[i][0].shape[0], []).append(row)
+        xs = x2.view(len(ids), t, self.in_features)
+        for rows in groups.values():
+            A = torch.stack([self.factors[ids[row]][0] for row in rows])  # (n, r, in)
+            B = torch.stack([self.factors[ids[row]][1] for row in rows])  # (n, out, r)
+            sel = xs if len(rows) == len(ids) else xs[rows]
+            d = torch.bmm(torch.bmm(sel.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2)).to(out.dtype)
+            if len(rows) == len(ids):
+                out.add_(d.view(-1, self.out_features))
+            else:
+                out.view(len(ids), t, self.out_features).index_add_(0, torch.tensor(rows, device=out.device), d)
+
+    def add(self, adapter_id: int, A: Tensor, B: Tensor) -> None:
+        """Hold one adapter's A (r, in) and scaled B (out, r)."""
+        self.factors[adapter_id] = (A, B)
 
     def remove(self, adapter_id: int) -> None:
-        """Drop one adapter's factors; the other adapters' slots close up."""
-        for r, stack in list(self.stacks.items()):
-            if adapter_id >= len(stack.slot_of) or not stack.slot_of[adapter_id]:
-                continue
-            s = int(stack.slot_of[adapter_id])
-            if stack.A.shape[0] == 2:  # only the zero slot would remain
-                del self.stacks[r]
-                continue
-            stack.A = torch.cat([stack.A[:s], stack.A[s + 1:]])
-            stack.B = torch.cat([stack.B[:s], stack.B[s + 1:]])
-            stack.slot_of[adapter_id] = 0
-            stack.slot_of[stack.slot_of > s] -= 1
+        self.factors.pop(adapter_id, None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.stacks.values() for t in (s.A, s.B))
+        return sum(t.numel() * t.element_size() for ab in self.factors.values() for t in ab)
 
     def extra_repr(self) -> str:
-        n = sum(s.A.shape[0] - 1 for s in self.stacks.values())
-        return f"adapters={n}, ranks={sorted(self.stacks)}"
-
-
-def _grow(t: Tensor, n: int) -> Tensor:
-    if len(t) >= n:
-        return t
-    return torch.cat([t, torch.zeros(n - len(t), dtype=t.dtype, device=t.device)])
+        return f"adapters={len(self.factors)}"
 
 
 @dataclass
@@ -140,7 +136,13 @@ class AdapterBank:
         self.shapes = {n: _in_out(model.get_submodule(n)) for n in linear_names(model)}  # targetable: (in, out)
         self.adapters: dict[str, AdapterInfo] = {}
         self.layers: dict[str, MultiLoraLinear] = {}
-        self.current: Tensor | None = None  # (B,) adapter ids of the batch being computed; 0 = none
+        self.current: list[int] | None = None  # adapter id of each row of the batch being computed; 0 = none
+        self.runs: list[tuple[int, int, int]] = []  # (adapter id, first row, row after the last) of each run
+        # Each layer's way through a mixed batch. A run of rows naming one adapter costs two matmuls, which reads
+        # each adapter's factors once and copies nothing: fastest on a CPU, where the per-op cost is small, when
+        # rows are grouped by adapter (the engine keeps them so). On a GPU, stacking each row's factors for one
+        # bmm pair per rank costs a copy but few kernel launches.
+        self.gathered = self.device.type == "cuda"
         self._next_id = 1
 
     @property
@@ -159,15 +161,20 @@ class AdapterBank:
         return self.adapters[name].id
 
     @contextlib.contextmanager
-    def rows(self, adapters: list[str | None] | list[int] | Tensor) -> Iterator[None]:
+    def rows(self, adapters: list[str | int | None]) -> Iterator[None]:
         """Compute the forwards inside the block with row b using adapter adapters[b] (a name, an id, or None)."""
-        if not isinstance(adapters, Tensor):
-            adapters = torch.tensor([a if isinstance(a, int) else self.id_of(a) for a in adapters], dtype=torch.long)
-        before, self.current = self.current, adapters.to(self.device)
+        ids = [a if isinstance(a, int) else self.id_of(a) for a in adapters]
+        runs, start = [], 0
+        for row in range(1, len(ids) + 1):
+            if row == len(ids) or ids[row] != ids[start]:
+                if ids[start]:
+                    runs.append((ids[start], start, row))
+                start = row
+        before, self.current, self.runs = (self.current, self.runs), ids, runs
         try:
             yield
         finally:
-            self.current = before
+            self.current, self.runs = before
 
     def load(self, name: str, path: str | os.PathLike, check_base: bool = True) -> AdapterInfo:
         """Read a PEFT adapter folder and make it resident under `name`.
@@ -206,16 +213,18 @@ class AdapterBank:
             alpha = float(pattern_lookup(alphas, module, config.get("lora_alpha", 8)))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             A = a.to(device, self.dtype).contiguous()
-            B = (b.to(device, torch.float32) * scale).to(self.dtype).contiguous()
-            self._layer(module).add(adapter_id, A, B, self._next_id)
+            if b.dtype == torch.float32 and self.dtype == torch.float32 and b.device == device:
+                B = b.mul_(scale).contiguous()  # in place: no second copy for malloc to keep
+            else:
+                B = (b.to(device, torch.float32) * scale).to(self.dtype).contiguous()
+            self._layer(module).add(adapter_id, A, B)
             nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
             ranks.append(r)
-        for layer in self.layers.values():  # every layer's id table covers the new id
-            for stack in layer.stacks.values():
-                stack.slot_of = _grow(stack.slot_of, self._next_id)
         info = AdapterInfo(name, adapter_id, str(path), max(set(ranks), key=ranks.count), len(pairs), nbytes,
                            config.get("base_model_name_or_path"), sorted(pairs))
         self.adapters[name] = info
+        del pairs
+        allocator.trim()  # what reading the file freed goes back to the system: the process grows by the factors
         return info
 
     def unload(self, name: str) -> AdapterInfo:
@@ -232,9 +241,10 @@ class AdapterBank:
         """Free the factors of a detached adapter."""
         for layer in self.layers.values():
             layer.remove(info.id)
+        allocator.trim()
 
     def nbytes(self) -> int:
-        """Bytes of every resident adapter's factors, the zero slots included."""
+        """Bytes of every resident adapter's factors."""
         return sum(layer.nbytes() for layer in self.layers.values())
 
     def _layer(self, name: str) -> MultiLoraLinear:

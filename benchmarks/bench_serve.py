@@ -1,0 +1,186 @@
+"""Many adapters on one base: tokens/s of a batch of concurrent requests spread over 1, 4 and 16 adapters, beside
+the base alone and PEFT's `adapter_names` on the same batches, measured side by side in one run; and what each
+resident adapter costs in process memory (RSS) against its own bytes.
+
+Every side generates the same B prompts (different lengths, cut from the embedded text) to exactly N new tokens
+each, greedily; tokens/s = B * N / wall time of the whole batch, prefill included. qlora-kit runs its serving
+engine (`qlora_kit.engine.Engine`, the one `qlora-kit serve` drives); PEFT runs transformers' generate with
+`adapter_names=` on a PeftModel holding the same adapters (on CPU over bitsandbytes' nf4 base for --quant nf4,
+over the same dense base for --quant none).
+
+    .venv/bin/python benchmarks/bench_serve.py                          # SmolLM2-135M nf4, B=16, N=32, r=16
+    .venv/bin/python benchmarks/bench_serve.py --quant none             # both on the dense fp32 base
+    .venv/bin/python benchmarks/bench_serve.py --device cuda --batch 64 # on a GPU (bf16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import machine, model_folder  # noqa: E402
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def make_adapters(folder: Path, out: Path, n: int, rank: int, dtype: torch.dtype) -> list[Path]:
+    """n random all-linear LoRA adapters (A as initialised, B ~ N(0, 0.02)), each its own PEFT folder."""
+    import qlora_kit as qk
+
+    model = qk.load_quantized(folder, quant="none", compute_dtype=dtype)
+    qk.add_lora(model, r=rank, alpha=2 * rank, dropout=0.0)
+    paths = []
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        with torch.no_grad():
+            for layer in qk.lora_layers(model).values():
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) / layer.in_features ** 0.5)
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
+        paths.append(qk.save_adapter(model, out / f"adapter{i}"))
+    return paths
+
+
+def prompts(tok, batch: int, length: int) -> list[list[int]]:
+    """batch prompts of length/2 .. 3*length/2 tokens, from different places in the embedded text."""
+    from qlora_kit import defaults
+
+    ids = tok(Path(defaults.resolve_data("shakespeare")).read_text()[:200_000]).input_ids
+    sizes = [max(1, length // 2 + (length * i) // max(batch - 1, 1)) for i in range(batch)]
+    return [ids[1000 * i: 1000 * i + n] for i, n in enumerate(sizes)]
+
+
+def mixes(batch: int, names: list[str]) -> dict[str, list[str | None]]:
+    return {"base alone": [None] * batch, "1 adapter": [names[0]] * batch,
+            "4 adapters": [names[i % 4] for i in range(batch)], "16 adapters": [names[i % 16] for i in range(batch)]}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of fn(n_tokens) over `repeats`, after a short warm-up (first-call allocations, lazy
+    initialisation)."""
+    fn(2)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        fn(None)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict]:
+    import qlora_kit as qk
+    from qlora_kit.engine import Engine, SamplingParams
+
+    base = qk.load_quantized(folder, quant=args.quant, compute_dtype=dtype, device=device)
+    gc.collect()
+    engine = Engine(base, tok, max_batch=args.batch, adapter_dtype=dtype)
+    before = rss()
+    for i, p in enumerate(paths):
+        engine.load_adapter(f"adapter{i}", p)
+    gc.collect()
+    memory = {"rss_growth": rss() - before, "bank_bytes": engine.bank.nbytes(),
+              "adapter_bytes": sum(a.nbytes for a in engine.adapters()),
+              "file_bytes": sum((p / "adapter_model.safetensors").stat().st_size for p in paths)}
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    ps = prompts(tok, args.batch, args.prompt_tokens)
+    out = {}
+    for label, rows in batches.items():
+        out[label] = timed(lambda n, rows=rows: engine.generate(
+            ps, rows, SamplingParams(max_tokens=n, ignore_eos=True) if n else params), args.repeats)
+        print(f"  qlora-kit {label}: {args.batch * args.new_tokens / out[label]:.1f} tokens/s", flush=True)
+    return out, memory
+
+
+def peft_side(folder, tok, paths, batches, args, device, dtype) -> dict:
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if args.quant != "none":
+        kwargs = dict(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=args.quant in ("nf4", "fp4"), load_in_8bit=args.quant == "int8",
+            bnb_4bit_quant_type=args.quant if args.quant != "int8" else "nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype), device_map=str(device))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if not kwargs:
+        model.to(device)
+    pm = peft.PeftModel.from_pretrained(model, paths[0], adapter_name="adapter0")
+    for i, p in enumerate(paths[1:], start=1):
+        pm.load_adapter(p, adapter_name=f"adapter{i}")
+    pm.eval()
+    ps = prompts(tok, args.batch, args.prompt_tokens)
+    width = max(len(p) for p in ps)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=device)  # left padding, as generate wants
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+    out = {}
+    for label, rows in batches.items():
+        names = [r or "__base__" for r in rows]
+
+        def run(n, names=names):
+            with torch.no_grad():
+                pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n or args.new_tokens,
+                            min_new_tokens=n or args.new_tokens, do_sample=False, pad_token_id=pad)
+
+        out[label] = timed(run, args.repeats)
+        print(f"  PEFT {label}: {args.batch * args.new_tokens / out[label]:.1f} tokens/s", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    p.add_argument("--batch", type=int, default=16, help="concurrent requests")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32, help="mean prompt length (they range over 0.5x..1.5x)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-peft", action="store_true")
+    args = p.parse_args()
+    from qlora_kit.cli import quiet_third_parties
+    from qlora_kit.loading import load_tokenizer, resolve_device
+
+    quiet_third_parties()
+    logging.getLogger("qlora_kit.serve").setLevel(logging.WARNING)  # the engine's line per request
+    device = torch.device(resolve_device(args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    folder, source = model_folder(args.model, dtype, tmp)
+    tok = load_tokenizer(folder)
+    print(f"{args.model} ({source}), {args.quant} base, {dtype}, B={args.batch} requests x {args.new_tokens} new "
+          f"tokens, r={args.rank} all-linear adapters; {machine(device)}", flush=True)
+    paths = make_adapters(folder, tmp, 16, args.rank, torch.float32)
+    batches = mixes(args.batch, [f"adapter{i}" for i in range(16)])
+    mine, memory = ours(folder, tok, paths, batches, args, device, dtype)
+    gc.collect()  # its engine and base are gone before PEFT's load
+    theirs = {} if args.no_peft else peft_side(folder, tok, paths, batches, args, device, dtype)
+    n = args.batch * args.new_tokens
+    print("\n| batch | qlora-kit tokens/s | vs its 1 adapter | PEFT adapter_names tokens/s | qlora-kit / PEFT |")
+    print("|---|---|---|---|---|")
+    for label in batches:
+        t = theirs.get(label)
+        print(f"| {label} | {n / mine[label]:.1f} | {mine['1 adapter'] / mine[label]:.2f}x | "
+              f"{'-' if t is None else f'{n / t:.1f}'} | {'-' if t is None else f'{t / mine[label]:.2f}x'} |")
+    per = memory["adapter_bytes"] / 16
+    print(f"\n16 adapters resident: RSS grew {memory['rss_growth'] / 2**20:.1f} MiB; their factors "
+          f"{memory['adapter_bytes'] / 2**20:.1f} MiB ({per / 2**20:.2f} MiB each; the stacks with their zero slots "
+          f"{memory['bank_bytes'] / 2**20:.1f} MiB); the adapter files {memory['file_bytes'] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
