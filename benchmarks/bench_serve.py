@@ -178,7 +178,7 @@ def main() -> None:
               f"{'-' if t is None else f'{n / t:.1f}'} | {'-' if t is None else f'{t / mine[label]:.2f}x'} |")
     per = memory["adapter_bytes"] / 16
     print(f"\n16 adapters resident: RSS grew {memory['rss_growth'] / 2**20:.1f} MiB; their factors "
-          f"{memory['adapter_bytes'] / 2**20:.1f} MiB ({per / 2**20:.2f} MiB each; the stacks with their zero slots "
+          f"{memory['adapter_bytes'] / 2**20:.1f} MiB ({per / 2**20:.2f} MiB each; held by the layers "
           f"{memory['bank_bytes'] / 2**20:.1f} MiB); the adapter files {memory['file_bytes'] / 2**20:.1f} MiB")
 
 

@@ -50,4 +50,8 @@ run merge-8b $py benchmarks/bench_merge.py --case 8b --formats nf4 --work "$out/
 # the exports keep
 run gguf-train $py benchmarks/bench_gguf.py train --work "$out/gguf-work" --rounds 2 \
     --variants "plain,merge-aware nf4,merge-aware q4_0" --json "$out/gguf-train.json"
+# serving: B concurrent requests over 1, 4 and 16 adapters (bf16, Triton base kernels + gathered LoRA), against
+# the base alone and PEFT's adapter_names on the same batches
+run serve-b16 $py benchmarks/bench_serve.py --device cuda --batch 16 --new-tokens 64
+run serve-b64 $py benchmarks/bench_serve.py --device cuda --batch 64 --new-tokens 64
 echo "results in $out/"

@@ -31,6 +31,11 @@ from starlette.concurrency import run_in_threadpool
 from .config import one_line
 from .engine import Engine, Event, SamplingParams, UnknownAdapter
 
+# fields OpenAI defines that this server does not act on: refused unless they hold the value that changes nothing
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "repetition_penalty": 1, "logit_bias": None,
+           "suffix": None, "tools": None, "functions": None, "tool_choice": None, "top_logprobs": None,
+           "response_format": None, "min_tokens": 0}
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields this server need not act on
@@ -120,6 +125,10 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
     def params_for(body: _Body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:
             raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
+        for key, value in (body.model_extra or {}).items():
+            neutral = NEUTRAL.get(key, value)
+            if value not in (None, neutral) and not (key == "response_format" and value == {"type": "text"}):
+                raise ApiError(400, f"{key}={json.dumps(value)[:60]} is not supported", key)
         if getattr(body, "logprobs", None):
             raise ApiError(400, "logprobs are not supported", "logprobs")
         if getattr(body, "echo", False):

@@ -15,7 +15,14 @@ import time
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen3Config,
+)
 
 import qlora_kit as qk
 from qlora_kit.engine import Engine, SamplingParams, UnknownAdapter
@@ -203,6 +210,37 @@ def test_batched_greedy_generation_is_each_prompt_alone(chat_model):
     assert eng._cache is None and not eng.running  # everything left; nothing held
 
 
+FAMILY_CONFIGS = {  # sliding windows shorter than prompt + generation; GPT-2's learned absolute positions
+    "mistral": lambda c: MistralConfig(**c, sliding_window=8),
+    "gemma2": lambda c: Gemma2Config(**c, head_dim=16, sliding_window=8),
+    "qwen3": lambda c: Qwen3Config(**c, head_dim=16),
+    "gpt2": lambda c: GPT2Config(vocab_size=c["vocab_size"], n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                 eos_token_id=c["eos_token_id"], bos_token_id=c["eos_token_id"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_generation_in_other_families_is_each_prompt_alone(chat_model, tmp_path, family):
+    _, tok, _ = chat_model
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](common)).save_pretrained(tmp_path / "m")
+    paths = make_adapters(tmp_path / "m", tmp_path, "nf4", specs=SPECS[:2], std=0.3)
+    eng = Engine(qk.load_quantized(tmp_path / "m", quant="nf4", compute_dtype=torch.float32), tok, max_batch=3)
+    for i, p in enumerate(paths):
+        eng.load_adapter(f"ad{i}", p)
+    rows = ["ad1", None, "ad0", "ad1"]  # four requests, three rows: the last joins when the first leaves
+    outs = eng.generate(PROMPTS[:4], rows, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 12, 12, 12)])
+    for p, a, o in zip(PROMPTS[:4], rows, outs, strict=True):
+        model = alone(tmp_path / "m", "nf4", None if a is None else paths[int(a[2])])
+        ids = tok(p, return_tensors="pt").input_ids
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(o.token_ids),
+                              do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        assert o.token_ids == want[0, ids.shape[1]:].tolist(), (family, p, a)
+
+
 def test_sampling_is_seeded_per_request_and_top_p_narrows_it(chat_model):
     eng = engine_for(chat_model)
     hot = SamplingParams(max_tokens=12, temperature=1.5, seed=7, ignore_eos=True)
@@ -367,6 +405,7 @@ def test_server_errors_are_openai_shaped(server, chat_model):
     assert e.value.body["code"] == "model_not_found" and "nope" in e.value.body["message"]
     for bad in ({"model": "base"}, {"model": "base", "prompt": "x", "max_tokens": 0},
                 {"model": "base", "prompt": "x", "temperature": -1}, {"model": "base", "prompt": "x", "n": 2},
+                {"model": "base", "prompt": "x", "presence_penalty": 0.5}, {"model": "base", "prompt": [[]]},
                 {"model": "base", "messages": []}):
         path = "/v1/chat/completions" if "messages" in bad else "/v1/completions"
         r = httpx.post(url + path, json=bad)
