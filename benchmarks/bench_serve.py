@@ -101,7 +101,50 @@ def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict]:
         out[label] = timed(lambda n, rows=rows: engine.generate(
             ps, rows, SamplingParams(max_tokens=n, ignore_eos=True) if n else params), args.repeats)
         print(f"  qlora-kit {label}: {args.batch * args.new_tokens / out[label]:.1f} tokens/s", flush=True)
+    out["16 adapters, over HTTP"] = over_http(engine, ps, batches["16 adapters"], args)
+    print(f"  qlora-kit 16 adapters over HTTP: {args.batch * args.new_tokens / out['16 adapters, over HTTP']:.1f} "
+          "tokens/s", flush=True)
     return out, memory
+
+
+def over_http(engine, ps, rows, args) -> float:
+    """The same mixed batch as B concurrent clients of a live server on 127.0.0.1: they arrive one by one and
+    join the running batch (continuous batching), each answered through /v1/completions."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from qlora_kit.server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "base"), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+
+    def batch(n):
+        def ask(p, r):
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
+                "model": r or "base", "prompt": p, "max_tokens": n or args.new_tokens, "temperature": 0,
+                "ignore_eos": True})
+            reply.raise_for_status()
+        clients = [threading.Thread(target=ask, args=(p, r)) for p, r in zip(ps, rows, strict=True)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+
+    try:
+        return timed(batch, args.repeats)
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 def peft_side(folder, tok, paths, batches, args, device, dtype) -> dict:
@@ -172,7 +215,7 @@ def main() -> None:
     n = args.batch * args.new_tokens
     print("\n| batch | qlora-kit tokens/s | vs its 1 adapter | PEFT adapter_names tokens/s | qlora-kit / PEFT |")
     print("|---|---|---|---|---|")
-    for label in batches:
+    for label in mine:
         t = theirs.get(label)
         print(f"| {label} | {n / mine[label]:.1f} | {mine['1 adapter'] / mine[label]:.2f}x | "
               f"{'-' if t is None else f'{n / t:.1f}'} | {'-' if t is None else f'{t / mine[label]:.2f}x'} |")

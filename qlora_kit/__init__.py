@@ -2,10 +2,12 @@
 
 from .adapters import load_adapter, save_adapter
 from .config import LoRAConfig, LoraExportConfig, QuantConfig
+from .engine import Engine, SamplingParams
 from .gguf_export import export_lora
 from .layers import QuantLinear
 from .loading import load_quantized
 from .merge import MergeConfig, merge
+from .multi_lora import AdapterBank
 from .patch import (
     adapter_disabled,
     add_lora,
@@ -21,6 +23,6 @@ __all__ = [
     "LoRAConfig", "QuantConfig", "QuantLinear",
     "load_quantized", "add_lora", "select_targets", "lora_layers", "trainable_parameters", "parameter_report",
     "set_adapter_enabled", "adapter_disabled", "save_adapter", "load_adapter", "MergeConfig", "merge",
-    "LoraExportConfig", "export_lora", "set_merge_aware",
+    "LoraExportConfig", "export_lora", "set_merge_aware", "AdapterBank", "Engine", "SamplingParams",
 ]
 __version__ = "0.1.0"

@@ -487,3 +487,24 @@ def test_cli_serve_streams_and_stops_on_sigterm(chat_model):
     assert proc.returncode == 0, rest
     assert "alice: " in rest and "generated tokens" in rest  # the request's log line
     assert rest.strip().endswith("server stopped")
+
+
+def test_cli_serve_refuses_bad_input_in_one_line(chat_model, capsys):
+    from qlora_kit.cli import main
+
+    folder, _, paths = chat_model
+    other = make_adapters(make_qwen(chat_model), chat_model[0].parent / "other_ad2", "nf4", specs=SPECS[:1])[0]
+    capsys.readouterr()  # the fixtures' own output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        cases = [(["--adapter", "no-equals-sign"], "expected NAME=DIR"),
+                 (["--adapter", f"a={paths[0]}", "--adapter", f"a={paths[1]}"], "already taken"),
+                 (["--adapter", f"x={other}", "--port", str(free_port())], "different base"),
+                 (["--adapter", "x=/nowhere/at/all", "--port", str(free_port())], "no adapter_config.json"),
+                 (["--port", str(busy)], f"cannot listen on 127.0.0.1:{busy}")]
+        for extra, message in cases:
+            assert main(["serve", "--model", str(folder), *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert message in err and len(err.splitlines()) == 1, err
