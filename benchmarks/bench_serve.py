@@ -91,7 +91,9 @@ def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict]:
     for i, p in enumerate(paths):
         engine.load_adapter(f"adapter{i}", p)
     gc.collect()
-    memory = {"rss_growth": rss() - before, "bank_bytes": engine.bank.nbytes(),
+    memory = {"rss_growth": rss() - before, "bank_bytes": sum(
+        t.numel() * t.element_size() for layer in engine.bank.layers.values() for ab in layer.factors.values()
+        for t in ab),
               "adapter_bytes": sum(a.nbytes for a in engine.adapters()),
               "file_bytes": sum((p / "adapter_model.safetensors").stat().st_size for p in paths)}
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)

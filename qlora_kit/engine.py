@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .multi_lora import AdapterBank, AdapterInfo
 
@@ -47,8 +48,11 @@ class SamplingParams:
     max_tokens: int = 64  # tokens to generate at most
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     seed: int | None = None  # same seed, same sample, whatever else is in the batch
     stop: list[str] = field(default_factory=list)  # strings that end the text (not included in it)
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end it, besides end-of-sequence
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,14 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} must be a number >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.top_k == -1:  # vLLM's "all"
+            self.top_k = 0
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0: all tokens)")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be integers")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -90,6 +102,8 @@ class Completion:
 
 
 _ids = itertools.count(1)
+CONTEXT_TOKENS = 5
+GREEDY_BELOW = 1e-5  # a temperature this low is greedy (as vLLM has it): dividing by it overflows
 
 
 class Request:
@@ -100,15 +114,19 @@ class Request:
         self.id = f"req-{next(_ids)}"
         self.prompt_ids, self.adapter, self.adapter_id, self.params = prompt_ids, adapter, adapter_id, params
         self.sink = sink
-        self.out_ids: list[int] = []  # generated, end-of-sequence token included
+        self.out_ids: list[int] = []  # generated, a final end-of-sequence or stop token included
         self.text = ""  # the text so far, cut at a stop string
         self.emitted = 0  # characters of `text` already sent to the sink
+        # incremental detokenization: a few prompt tokens before the output (so its first piece keeps the space a
+        # tokenizer marks on the token), and the window of ids [prefix, read) whose text is already in `text`
+        self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix, self.read = 0, len(self.ids)
         self.finish_reason: str | None = None
         self.cancelled = False
         self.done = threading.Event()
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2 ** 63)
-        self.generator = torch.Generator().manual_seed(seed) if params.temperature > 0 else None
+        self.generator = None if params.temperature < GREEDY_BELOW else torch.Generator().manual_seed(seed % 2 ** 64)
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.out_ids), self.finish_reason or "", len(self.prompt_ids), self.adapter)
@@ -137,6 +155,7 @@ class Engine:
         # transformers >= 5.2x calls the KV cache `cache`, earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pad = next((t for t in (tokenizer.pad_token_id, *sorted(self.eos)) if t is not None), 0)
+        self._check_cache()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._retired: list[AdapterInfo] = []  # unloaded, factors kept while accepted requests use them
@@ -147,11 +166,29 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
+    def _check_cache(self) -> None:
+        """Refuse, before serving, a model whose generation state is not a key-value cache of attention layers
+        (Mamba's, linear attention's): joining and leaving the batch cut the cache by rows and columns."""
+        cache, why = DynamicCache(), ""
+        ids = torch.tensor([[self.pad]], device=self.bank.device)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+                           use_cache=True, **{self._cache_arg: cache})
+            ok = bool(cache.layers) and all(type(c) is DynamicLayer and c.is_initialized for c in cache.layers)
+        except Exception as e:
+            ok, why = False, f" ({' '.join(str(e).split())[:120]})"
+        if not ok:
+            raise ValueError(f"{type(self.model).__name__} keeps a generation state other than an attention "
+                             f"key-value cache{why}; serving supports attention decoders")
+
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, path) -> AdapterInfo:
-        """Make a PEFT adapter folder resident under `name` (between steps). Raises ValueError, as AdapterBank.load."""
+        """Make a PEFT adapter folder resident under `name`: read while generation goes on, installed between
+        steps. Raises ValueError, as AdapterBank.load."""
+        prepared = self.bank.prepare(name, path)
         with self._state:
-            return self.bank.load(name, path)
+            return self.bank.install(prepared)
 
     def unload_adapter(self, name: str) -> AdapterInfo:
         """Forget `name`; its factors go once no accepted request uses them. Raises UnknownAdapter."""
@@ -289,12 +326,8 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # a bug, or out of memory: fail what is open, keep serving
+            except Exception:  # its requests have ended with the error; keep serving the others
                 log.exception("generation step failed")
-                with self._state:
-                    for req in [*self.running]:
-                        self._finish(req, f"error: {' '.join(str(e).split())[:200]}")
-                    self._reset()
 
     def step(self) -> bool:
         """Admit waiting requests, decode one token for every running one. Returns whether work remains."""
@@ -306,11 +339,18 @@ class Engine:
                     self._finish(r, "cancelled")
                 room = self.max_batch - len(self.running)
                 admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-            if admit:
-                self._prefill(sorted(admit, key=lambda r: r.adapter_id))  # rows grouped by adapter
-            if self.running:
-                self._decode()
-            self._free_retired()
+            try:
+                if admit:
+                    self._prefill(sorted(admit, key=lambda r: r.adapter_id))  # rows grouped by adapter
+                if self.running:
+                    self._decode()
+            except Exception as e:  # a bug, or out of memory: what was admitted or running ends with the error
+                for req in [*admit, *self.running]:
+                    self._finish(req, f"error: {' '.join(str(e).split())[:200]}")
+                self._reset()
+                raise
+            finally:
+                self._free_retired()
             return bool(self.running or self.waiting)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, adapter_ids: list[int], cache: DynamicCache) -> Tensor:
@@ -399,12 +439,16 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.generator is None:
                 continue
-            probs = torch.softmax(logits[i] / r.params.temperature, dim=-1)
-            if r.params.top_p < 1:
-                p, order = probs.sort(descending=True)
-                outside = p.cumsum(0) - p >= r.params.top_p  # tokens past the nucleus
-                p[outside] = 0
-                probs = torch.zeros_like(probs).scatter_(0, order, p)
+            p, x = r.params, logits[i].double()
+            if p.top_k:
+                x[x < x.topk(min(p.top_k, x.numel())).values[-1]] = -math.inf
+            probs = torch.softmax((x - x.max()) / p.temperature, dim=-1)  # the largest is exp(0): nothing overflows
+            if p.min_p:
+                probs[probs < p.min_p * probs.max()] = 0
+            if p.top_p < 1:
+                q, order = probs.sort(descending=True)
+                q[q.cumsum(0) - q >= p.top_p * q.sum()] = 0  # tokens past the nucleus
+                probs = torch.zeros_like(probs).scatter_(0, order, q)
             tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return tokens
 
@@ -413,32 +457,39 @@ class Engine:
         if req.t_first is None:
             req.t_first = time.perf_counter()
         req.out_ids.append(token)
-        finish = None
-        ids = req.out_ids
-        if token in self.eos and not req.params.ignore_eos:
-            finish, ids = "stop", ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hold = 0
-        for s in req.params.stop:
-            at = text.find(s, max(0, req.emitted - len(s) + 1))
-            if at >= 0:
-                text, finish = text[:at], "stop"
-        if finish is None and len(req.out_ids) >= req.params.max_tokens:
-            finish = "length"
+        p = req.params
+        finish = "stop" if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids else None
         if finish is None:
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of its bytes
-                hold = 1
-            for s in req.params.stop:  # a tail that may grow into a stop string
-                hold = max(hold, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
-                                       if text.endswith(s[:k])), 0))
-        req.text = text
-        upto = max(req.emitted, len(text) - hold)
-        delta, req.emitted = text[req.emitted:upto], upto
+            req.ids.append(token)
+        last = finish is not None or len(req.out_ids) >= p.max_tokens
+        before = len(req.text)
+        self._detokenize(req, last)
+        cut = min((at for s in p.stop if (at := req.text.find(s, max(0, before - len(s) + 1))) >= 0), default=-1)
+        if cut >= 0:
+            req.text, finish = req.text[:cut], "stop"
+        elif finish is None and len(req.out_ids) >= p.max_tokens:
+            finish = "length"
+        hold = 0
+        if finish is None:  # a tail that may grow into a stop string waits
+            hold = max((k for s in p.stop for k in range(min(len(s) - 1, len(req.text)), 0, -1)
+                        if req.text.endswith(s[:k])), default=0)
+        upto = max(req.emitted, len(req.text) - hold)
+        delta, req.emitted = req.text[req.emitted:upto], upto
         if finish:
             self._finish(req, finish, delta)
         elif delta and req.sink is not None:
             req.sink(Event(req, delta))
         return finish is not None
+
+    def _detokenize(self, req: Request, last: bool) -> None:
+        """Append to req.text what the newest tokens add, once it is whole: decoding a short window (the tokens
+        since the last piece, after the ones before it for context) costs the same at any length, and a piece
+        ending in a character split across tokens (U+FFFD) waits for the rest of its bytes, unless it is the last."""
+        done = self.tokenizer.decode(req.ids[req.prefix:req.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(req.ids[req.prefix:], skip_special_tokens=True)
+        if len(now) > len(done) and (last or not now.endswith("\ufffd")):
+            req.text += now[len(done):]
+            req.prefix, req.read = req.read, len(req.ids)
 
     def _finish(self, req: Request, reason: str, delta: str = "") -> None:
         if req.done.is_set():

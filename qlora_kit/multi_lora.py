@@ -57,10 +57,11 @@ class MultiLoraLinear(nn.Module):
         if ids is None or not self.factors:
             return y
         n = len(ids)
-        if x.shape[0] != n:
-            raise RuntimeError(f"a layer saw {x.shape[0]} rows in a batch of {n}; per-row adapters need the batch "
-                               "dimension first")
         x2 = x.reshape(-1, self.in_features)  # (B*T, in): row b's tokens are rows b*T .. (b+1)*T - 1
+        # batch-first (B, ..., in), or flattened batch-first (B*T, in) as some MoE blocks hand their shared expert
+        if (x.shape[0] != n and x.dim() > 2) or x2.shape[0] % n:
+            raise RuntimeError(f"a layer saw input {tuple(x.shape)} in a batch of {n} rows; per-row adapters need "
+                               "the batch dimension first")
         y = y.contiguous()
         out = y.view(-1, self.out_features)  # (B*T, out), a view of y: the products are added in place
         t = x2.shape[0] // n
@@ -106,6 +107,16 @@ class MultiLoraLinear(nn.Module):
 
 
 @dataclass
+class PreparedAdapter:
+    """An adapter read, checked and made on the device, not yet resident (AdapterBank.prepare)."""
+
+    name: str
+    path: str
+    base: str | None
+    factors: dict[str, tuple[Tensor, Tensor]]  # module -> A (r, in), scale * B (out, r)
+
+
+@dataclass
 class AdapterInfo:
     """One resident adapter."""
 
@@ -144,6 +155,7 @@ class AdapterBank:
         # bmm pair per rank costs a copy but few kernel launches.
         self.gathered = self.device.type == "cuda"
         self._next_id = 1
+        self._bytes = 0
 
     @property
     def device(self) -> torch.device:
@@ -177,16 +189,18 @@ class AdapterBank:
             self.current, self.runs = before
 
     def load(self, name: str, path: str | os.PathLike, check_base: bool = True) -> AdapterInfo:
-        """Read a PEFT adapter folder and make it resident under `name`.
+        """Read a PEFT adapter folder and make it resident under `name` (`prepare`, then `install`).
 
         Raises:
             ValueError: a taken or empty name, an unreadable adapter, or one made for another base (its recorded
                 fingerprint, or a target or shape this base has not); nothing changes then.
         """
-        if not name or not isinstance(name, str):
-            raise ValueError(f"adapter name {name!r} must be a non-empty string")
-        if name in self.adapters:
-            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        return self.install(self.prepare(name, path, check_base))
+
+    def prepare(self, name: str, path: str | os.PathLike, check_base: bool = True) -> PreparedAdapter:
+        """Read and check an adapter and make its factors on the base's device, changing nothing in the bank (a
+        server does this while generation goes on). Raises ValueError as `load`."""
+        self._check_name(name)
         path = Path(path)
         config, pairs = read_adapter(path)
         recorded = config.get(FINGERPRINT)
@@ -196,7 +210,7 @@ class AdapterBank:
                              f"{config.get('base_model_name_or_path')!r})")
         if config.get("target_parameters"):
             raise ValueError(f"{path}: adapter has expert (MoE) factors, which serving does not support yet")
-        for module, (a, b) in pairs.items():  # check everything before changing anything
+        for module, (a, b) in pairs.items():  # check everything before making anything
             if module not in self.shapes:
                 raise ValueError(f"{path}: adapter targets {module!r}, which this base has not as a linear layer "
                                  f"(an adapter for another base? its base was {config.get('base_model_name_or_path')!r})")
@@ -205,10 +219,9 @@ class AdapterBank:
                 raise ValueError(f"{path}: adapter for {module!r} has A {tuple(a.shape)}, B {tuple(b.shape)}, but the "
                                  f"base's layer is {in_f} -> {out_f} (an adapter for another base?)")
         alphas, rslora = config.get("alpha_pattern") or {}, bool(config.get("use_rslora", False))
-        adapter_id, device = self._next_id, self.device
-        self._next_id += 1
-        nbytes, ranks = 0, []
-        for module, (a, b) in pairs.items():
+        device, factors = self.device, {}
+        for module in list(pairs):
+            a, b = pairs.pop(module)
             r = a.shape[0]
             alpha = float(pattern_lookup(alphas, module, config.get("lora_alpha", 8)))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
@@ -217,15 +230,30 @@ class AdapterBank:
                 B = b.mul_(scale).contiguous()  # in place: no second copy for malloc to keep
             else:
                 B = (b.to(device, torch.float32) * scale).to(self.dtype).contiguous()
-            self._layer(module).add(adapter_id, A, B)
-            nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
-            ranks.append(r)
-        info = AdapterInfo(name, adapter_id, str(path), max(set(ranks), key=ranks.count), len(pairs), nbytes,
-                           config.get("base_model_name_or_path"), sorted(pairs))
-        self.adapters[name] = info
-        del pairs
+            factors[module] = A, B
         allocator.trim()  # what reading the file freed goes back to the system: the process grows by the factors
+        return PreparedAdapter(name, str(path), config.get("base_model_name_or_path"), factors)
+
+    def install(self, prepared: PreparedAdapter) -> AdapterInfo:
+        """Make a prepared adapter resident (must not overlap a forward). Raises ValueError for a taken name."""
+        self._check_name(prepared.name)
+        adapter_id = self._next_id
+        self._next_id += 1
+        ranks = [A.shape[0] for A, _ in prepared.factors.values()]
+        nbytes = sum(t.numel() * t.element_size() for ab in prepared.factors.values() for t in ab)
+        for module, (A, B) in prepared.factors.items():
+            self._layer(module).add(adapter_id, A, B)
+        info = AdapterInfo(prepared.name, adapter_id, prepared.path, max(set(ranks), key=ranks.count),
+                           len(ranks), nbytes, prepared.base, sorted(prepared.factors))
+        self.adapters[prepared.name] = info
+        self._bytes += nbytes
         return info
+
+    def _check_name(self, name: str) -> None:
+        if not name or not isinstance(name, str):
+            raise ValueError(f"adapter name {name!r} must be a non-empty string")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
 
     def unload(self, name: str) -> AdapterInfo:
         """Forget an adapter's name and free its factors. Raises KeyError for an unknown name."""
@@ -241,11 +269,13 @@ class AdapterBank:
         """Free the factors of a detached adapter."""
         for layer in self.layers.values():
             layer.remove(info.id)
+        self._bytes -= info.nbytes
         allocator.trim()
 
     def nbytes(self) -> int:
-        """Bytes of every resident adapter's factors."""
-        return sum(layer.nbytes() for layer in self.layers.values())
+        """Bytes of every resident adapter's factors (unloaded ones still in use included); safe to read from
+        any thread."""
+        return self._bytes
 
     def _layer(self, name: str) -> MultiLoraLinear:
         """The wrapped layer at `name`, wrapping it on first use."""

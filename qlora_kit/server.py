@@ -29,12 +29,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .config import one_line
-from .engine import Engine, Event, SamplingParams, UnknownAdapter
+from .engine import Engine, Event, SamplingParams, UnknownAdapter, log
 
 # fields OpenAI defines that this server does not act on: refused unless they hold the value that changes nothing
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "repetition_penalty": 1, "logit_bias": None,
            "suffix": None, "tools": None, "functions": None, "tool_choice": None, "top_logprobs": None,
-           "response_format": None, "min_tokens": 0}
+           "response_format": None, "min_tokens": 0, "use_beam_search": False, "length_penalty": 1,
+           "include_stop_str_in_output": False, "skip_special_tokens": True, "guided_json": None, "guided_regex": None,
+           "guided_choice": None, "guided_grammar": None, "bad_words": None, "allowed_token_ids": None,
+           "prompt_logprobs": None, "truncate_prompt_tokens": None, "logits_processors": None}
+# fields that change nothing here, taken silently (others are taken with a log line naming them, as vLLM does)
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "stream_options"}
 
 
 class _Body(BaseModel):
@@ -42,8 +47,11 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0)  # None: 1, as OpenAI's
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None  # vLLM's extensions: top_k, min_p, stop_token_ids
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    stop_token_ids: list[int] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -125,10 +133,15 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
     def params_for(body: _Body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:
             raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
+        ignored = []
         for key, value in (body.model_extra or {}).items():
-            neutral = NEUTRAL.get(key, value)
-            if value not in (None, neutral) and not (key == "response_format" and value == {"type": "text"}):
-                raise ApiError(400, f"{key}={json.dumps(value)[:60]} is not supported", key)
+            if key in NEUTRAL:
+                if value not in (None, NEUTRAL[key]) and not (key == "response_format" and value == {"type": "text"}):
+                    raise ApiError(400, f"{key}={json.dumps(value)[:60]} is not supported", key)
+            elif key not in HARMLESS:
+                ignored.append(key)
+        if ignored:
+            log.warning("request fields ignored: %s", ", ".join(sorted(ignored)))
         if getattr(body, "logprobs", None):
             raise ApiError(400, "logprobs are not supported", "logprobs")
         if getattr(body, "echo", False):
@@ -136,8 +149,10 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
         if max_tokens is None:  # as vLLM: what the context leaves
             max_tokens = max(1, (engine.context or prompt_len + 256) - prompt_len)
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  seed=body.seed, stop=body.stop or [], ignore_eos=body.ignore_eos)
+            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                                  top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                                  min_p=body.min_p or 0.0, seed=body.seed, stop=body.stop or [],
+                                  stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -157,6 +172,8 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load(body: LoadBody):
+        if body.lora_name == base_name:
+            raise ApiError(400, f"`{base_name}` is the base model's name; pick another for the adapter", "lora_name")
         try:
             info = await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
         except (ValueError, OSError) as e:

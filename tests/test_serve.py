@@ -119,17 +119,23 @@ def test_adding_an_adapter_costs_its_own_bytes(model_dirs, tmp_path):
     before = {n: t.data_ptr() for n, t in base.state_dict().items()}
     bank = AdapterBank(base)
     sizes = []
+
+    def held():  # what the layers hold, counted tensor by tensor
+        return sum(t.numel() * t.element_size() for layer in bank.layers.values() for ab in layer.factors.values()
+                   for t in ab)
+
     for i, p in enumerate(paths):
-        was = bank.nbytes()
+        was = held()
         info = bank.load(f"ad{i}", p)
         factors = sum(t.numel() * 4 for ab in qk.adapters.read_adapter(p)[1].values() for t in ab)
         assert info.nbytes == factors
-        sizes.append(bank.nbytes() - was)
+        sizes.append(held() - was)
     assert sizes == [a.nbytes for a in bank.adapters.values()]  # each adds its own factors, nothing more
+    assert bank.nbytes() == held()
     after = {n.replace(".base.", "."): t.data_ptr() for n, t in base.state_dict().items()}
     assert after == before  # the base's tensors are the same storage: never copied
     bank.unload("ad0")
-    assert bank.nbytes() == sum(sizes) - sizes[0] and "ad0" not in bank
+    assert held() == bank.nbytes() == sum(sizes) - sizes[0] and "ad0" not in bank
 
 
 def test_refusals_name_the_adapter_and_change_nothing(model_dirs, tmp_path):
@@ -254,6 +260,13 @@ def test_sampling_is_seeded_per_request_and_top_p_narrows_it(chat_model):
     greedy = eng.generate(["ROMEO"], ["ad1"], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
     nucleus = SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)
     assert eng.generate(["ROMEO"], ["ad1"], nucleus)[0].token_ids == greedy  # the nucleus is the top token
+    for narrow in (dict(top_k=1), dict(min_p=1.0)):  # only the most likely token is left to draw
+        params = SamplingParams(max_tokens=12, temperature=1.5, seed=3, ignore_eos=True, **narrow)
+        assert eng.generate(["ROMEO"], ["ad1"], params)[0].token_ids == greedy
+    tiny = SamplingParams(max_tokens=12, temperature=1e-9, seed=3, ignore_eos=True)  # greedy, not a NaN
+    assert eng.generate(["ROMEO"], ["ad1"], tiny)[0].token_ids == greedy
+    ended = eng.generate(["ROMEO"], ["ad1"], SamplingParams(max_tokens=12, stop_token_ids=[greedy[3]]))[0]
+    assert ended.token_ids == greedy[:greedy.index(greedy[3]) + 1] and ended.finish_reason == "stop"
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
@@ -278,6 +291,36 @@ def test_stop_strings_streaming_and_limits(chat_model):
         eng.submit("ROMEO", "nope")
     with pytest.raises(ValueError, match="empty"):
         eng.submit([], None)
+
+
+def test_a_failed_step_ends_its_requests_with_the_error(chat_model, monkeypatch):
+    eng = engine_for(chat_model)
+    running = eng.submit("ROMEO", "ad0", SamplingParams(max_tokens=8))
+    eng.step()
+    admitted = eng.submit("NURSE", None, SamplingParams(max_tokens=8))
+
+    def boom(*args):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(eng, "_forward", boom)
+    with pytest.raises(RuntimeError):
+        eng.step()
+    for req in (running, admitted):  # both end: neither waits forever
+        assert req.done.is_set() and req.finish_reason == "error: out of memory, say"
+    assert not eng.running and not eng.waiting and eng._cache is None
+    monkeypatch.undo()
+    assert eng.generate(["ROMEO"], ["ad0"], SamplingParams(max_tokens=3))[0].finish_reason == "length"
+
+
+def test_a_model_without_an_attention_cache_is_refused(chat_model, tmp_path):
+    from transformers import MambaConfig
+
+    _, tok, _ = chat_model
+    cfg = MambaConfig(vocab_size=len(tok), hidden_size=64, state_size=8, num_hidden_layers=2,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mamba")
+    with pytest.raises(ValueError, match="MambaForCausalLM keeps a generation state other than an attention"):
+        Engine(qk.load_quantized(tmp_path / "mamba", quant="nf4", compute_dtype=torch.float32), tok)
 
 
 def test_chat_template_prompt(chat_model):
@@ -406,6 +449,7 @@ def test_server_errors_are_openai_shaped(server, chat_model):
     for bad in ({"model": "base"}, {"model": "base", "prompt": "x", "max_tokens": 0},
                 {"model": "base", "prompt": "x", "temperature": -1}, {"model": "base", "prompt": "x", "n": 2},
                 {"model": "base", "prompt": "x", "presence_penalty": 0.5}, {"model": "base", "prompt": [[]]},
+                {"model": "base", "prompt": "x", "guided_json": {"type": "object"}},
                 {"model": "base", "messages": []}):
         path = "/v1/chat/completions" if "messages" in bad else "/v1/completions"
         r = httpx.post(url + path, json=bad)
@@ -419,6 +463,11 @@ def test_server_errors_are_openai_shaped(server, chat_model):
     assert r.status_code == 400 and "different base" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "nope"})
     assert r.status_code == 404
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": str(chat_model[2][0])})
+    assert r.status_code == 400 and "base model's name" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"model": "ad0", "prompt": "ROMEO", "max_tokens": 3,
+                                                  "temperature": None, "top_p": None, "user": "someone"})
+    assert r.status_code == 200  # null sampling fields take OpenAI's defaults
 
 
 def make_qwen(chat_model):
