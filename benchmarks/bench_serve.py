@@ -3,7 +3,8 @@ the base alone and PEFT's `adapter_names` on the same batches, measured side by 
 resident adapter costs in process memory (RSS) against its own bytes.
 
 Every side generates the same B prompts (different lengths, cut from the embedded text) to exactly N new tokens
-each, greedily; tokens/s = B * N / wall time of the whole batch, prefill included. qlora-kit runs its serving
+each, greedily; tokens/s = B * N / wall time of the whole batch, prefill included, the median of rounds that run
+every batch of both sides once each, interleaved. qlora-kit runs its serving
 engine (`qlora_kit.engine.Engine`, the one `qlora-kit serve` drives); PEFT runs transformers' generate with
 `adapter_names=` on a PeftModel holding the same adapters (on CPU over bitsandbytes' nf4 base for --quant nf4,
 over the same dense base for --quant none).
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,20 +69,8 @@ def mixes(batch: int, names: list[str]) -> dict[str, list[str | None]]:
             "4 adapters": [names[i % 4] for i in range(batch)], "16 adapters": [names[i % 16] for i in range(batch)]}
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn(n_tokens) over `repeats`, after a short warm-up (first-call allocations, lazy
-    initialisation)."""
-    fn(2)
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        t = time.perf_counter()
-        fn(None)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict]:
+def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict, callable]:
+    """qlora-kit's runners, {label: run(n_tokens)}, what its adapters cost in memory, and the server's stop."""
     import qlora_kit as qk
     from qlora_kit.engine import Engine, SamplingParams
 
@@ -96,20 +86,14 @@ def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict]:
         for t in ab),
               "adapter_bytes": sum(a.nbytes for a in engine.adapters()),
               "file_bytes": sum((p / "adapter_model.safetensors").stat().st_size for p in paths)}
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     ps = prompts(tok, args.batch, args.prompt_tokens)
-    out = {}
-    for label, rows in batches.items():
-        out[label] = timed(lambda n, rows=rows: engine.generate(
-            ps, rows, SamplingParams(max_tokens=n, ignore_eos=True) if n else params), args.repeats)
-        print(f"  qlora-kit {label}: {args.batch * args.new_tokens / out[label]:.1f} tokens/s", flush=True)
-    out["16 adapters, over HTTP"] = over_http(engine, ps, batches["16 adapters"], args)
-    print(f"  qlora-kit 16 adapters over HTTP: {args.batch * args.new_tokens / out['16 adapters, over HTTP']:.1f} "
-          "tokens/s", flush=True)
-    return out, memory
+    runs = {label: (lambda n, rows=rows: engine.generate(ps, rows, SamplingParams(max_tokens=n, ignore_eos=True)))
+            for label, rows in batches.items()}
+    runs["16 adapters, over HTTP"], stop = over_http(engine, ps, batches["16 adapters"])
+    return runs, memory, stop
 
 
-def over_http(engine, ps, rows, args) -> float:
+def over_http(engine, ps, rows):
     """The same mixed batch as B concurrent clients of a live server on 127.0.0.1: they arrive one by one and
     join the running batch (continuous batching), each answered through /v1/completions."""
     import socket
@@ -133,8 +117,7 @@ def over_http(engine, ps, rows, args) -> float:
     def batch(n):
         def ask(p, r):
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
-                "model": r or "base", "prompt": p, "max_tokens": n or args.new_tokens, "temperature": 0,
-                "ignore_eos": True})
+                "model": r or "base", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
             reply.raise_for_status()
         clients = [threading.Thread(target=ask, args=(p, r)) for p, r in zip(ps, rows, strict=True)]
         for c in clients:
@@ -142,14 +125,15 @@ def over_http(engine, ps, rows, args) -> float:
         for c in clients:
             c.join()
 
-    try:
-        return timed(batch, args.repeats)
-    finally:
+    def stop():
         server.should_exit = True
         thread.join()
 
+    return batch, stop
+
 
 def peft_side(folder, tok, paths, batches, args, device, dtype) -> dict:
+    """PEFT's runners, {label: run(n_tokens)}: transformers' generate with adapter_names on a PeftModel."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -171,18 +155,33 @@ def peft_side(folder, tok, paths, batches, args, device, dtype) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=device)  # left padding, as generate wants
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
-    out = {}
-    for label, rows in batches.items():
-        names = [r or "__base__" for r in rows]
 
-        def run(n, names=names):
-            with torch.no_grad():
-                pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n or args.new_tokens,
-                            min_new_tokens=n or args.new_tokens, do_sample=False, pad_token_id=pad)
+    def run(n, names):
+        with torch.no_grad():
+            pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False, pad_token_id=pad)
 
-        out[label] = timed(run, args.repeats)
-        print(f"  PEFT {label}: {args.batch * args.new_tokens / out[label]:.1f} tokens/s", flush=True)
-    return out
+    return {label: (lambda n, names=[r or "__base__" for r in rows]: run(n, names)) for label, rows in batches.items()}
+
+
+def measure(sides: dict[str, dict], repeats: int, n: int) -> dict[str, dict[str, float]]:
+    """Median wall time of every (side, label) run: each warmed up with a 2-token run, then `repeats` rounds that
+    each run everything once, one after the other, so that a machine getting slower or faster over the minutes
+    touches every figure alike."""
+    for runs in sides.values():
+        for run in runs.values():
+            run(2)
+    times = {side: {label: [] for label in runs} for side, runs in sides.items()}
+    for round_ in range(repeats):
+        for label in dict.fromkeys(label for runs in sides.values() for label in runs):
+            for side, runs in sides.items():
+                if label in runs:
+                    gc.collect()
+                    t = time.perf_counter()
+                    runs[label](n)
+                    times[side][label].append(time.perf_counter() - t)
+        print(f"  round {round_ + 1} of {repeats} done", flush=True)
+    return {side: {label: statistics.median(ts) for label, ts in by.items()} for side, by in times.items()}
 
 
 def main() -> None:
@@ -193,7 +192,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32, help="mean prompt length (they range over 0.5x..1.5x)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each runs every batch of both sides once")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-peft", action="store_true")
     args = p.parse_args()
@@ -201,6 +200,7 @@ def main() -> None:
     from qlora_kit.loading import load_tokenizer, resolve_device
 
     quiet_third_parties()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes inside generate
     logging.getLogger("qlora_kit.serve").setLevel(logging.WARNING)  # the engine's line per request
     device = torch.device(resolve_device(args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -211,9 +211,15 @@ def main() -> None:
           f"tokens, r={args.rank} all-linear adapters; {machine(device)}", flush=True)
     paths = make_adapters(folder, tmp, 16, args.rank, torch.float32)
     batches = mixes(args.batch, [f"adapter{i}" for i in range(16)])
-    mine, memory = ours(folder, tok, paths, batches, args, device, dtype)
-    gc.collect()  # its engine and base are gone before PEFT's load
-    theirs = {} if args.no_peft else peft_side(folder, tok, paths, batches, args, device, dtype)
+    mine, memory, stop = ours(folder, tok, paths, batches, args, device, dtype)
+    sides = {"qlora-kit": mine}
+    if not args.no_peft:
+        sides["PEFT"] = peft_side(folder, tok, paths, batches, args, device, dtype)
+    try:
+        times = measure(sides, args.repeats, args.new_tokens)
+    finally:
+        stop()
+    mine, theirs = times["qlora-kit"], times.get("PEFT", {})
     n = args.batch * args.new_tokens
     print("\n| batch | qlora-kit tokens/s | vs its 1 adapter | PEFT adapter_names tokens/s | qlora-kit / PEFT |")
     print("|---|---|---|---|---|")
