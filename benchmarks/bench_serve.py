@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import statistics
 import sys
@@ -181,7 +182,7 @@ def measure(sides: dict[str, dict], repeats: int, n: int) -> dict[str, dict[str,
                     runs[label](n)
                     times[side][label].append(time.perf_counter() - t)
         print(f"  round {round_ + 1} of {repeats} done", flush=True)
-    return {side: {label: statistics.median(ts) for label, ts in by.items()} for side, by in times.items()}
+    return times
 
 
 def main() -> None:
@@ -195,6 +196,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs every batch of both sides once")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--json", default=None, help="also write every round's times here")
     args = p.parse_args()
     from qlora_kit.cli import quiet_third_parties
     from qlora_kit.loading import load_tokenizer, resolve_device
@@ -221,12 +223,20 @@ def main() -> None:
         stop()
     mine, theirs = times["qlora-kit"], times.get("PEFT", {})
     n = args.batch * args.new_tokens
+
+    def ratio(a: list[float], b: list[float]) -> str:  # median over rounds of b/a, each round's pair run minutes apart
+        return f"{statistics.median(y / x for x, y in zip(a, b, strict=True)):.2f}x"
+
+    print("\ntokens/s: the median over rounds; ratios: the median of each round's ratio (its two runs were made close "
+          "in time)")
     print("\n| batch | qlora-kit tokens/s | vs its 1 adapter | PEFT adapter_names tokens/s | qlora-kit / PEFT |")
     print("|---|---|---|---|---|")
-    for label in mine:
+    for label, ts in mine.items():
         t = theirs.get(label)
-        print(f"| {label} | {n / mine[label]:.1f} | {mine['1 adapter'] / mine[label]:.2f}x | "
-              f"{'-' if t is None else f'{n / t:.1f}'} | {'-' if t is None else f'{t / mine[label]:.2f}x'} |")
+        print(f"| {label} | {n / statistics.median(ts):.1f} | {ratio(ts, mine['1 adapter'])} | "
+              f"{'-' if t is None else f'{n / statistics.median(t):.1f}'} | {'-' if t is None else ratio(ts, t)} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": times, "memory": memory}, indent=1))
     per = memory["adapter_bytes"] / 16
     print(f"\n16 adapters resident: RSS grew {memory['rss_growth'] / 2**20:.1f} MiB; their factors "
           f"{memory['adapter_bytes'] / 2**20:.1f} MiB ({per / 2**20:.2f} MiB each; held by the layers "

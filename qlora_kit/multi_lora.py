@@ -2,13 +2,18 @@
 
     y[b] = base(x[b]) + B_{a(b)} A_{a(b)} x[b]          a(b): the adapter row b names (none: the base alone)
 
-Every target layer is wrapped in a `MultiLoraLinear` that holds each resident adapter's factors for it, the
-adapter's scale folded into B: A (r, in) and s*B (out, r). Within each layer's forward, the rows of a mixed batch
-are grouped by adapter: on a CPU each run of rows naming one adapter takes two matmuls added in place (each
-adapter's factors read once, nothing copied; the engine keeps rows sorted by adapter so runs are long); on a GPU
-each row's factors are stacked and multiplied in one bmm pair per rank (as BGMV kernels gather them). Rows that
-name no adapter, or one that leaves this layer alone, skip it. Never a forward per adapter, and no merged weight.
-Loading an adapter adds its own factors and nothing else (the base is never copied); unloading drops them.
+Every target layer is wrapped in a `MultiLoraLinear` that keeps all resident adapters' factors side by side along
+the rank, each adapter's scale folded into its B: A_all (R, in) and B_all (out, R). Within each layer's forward the
+rows of a mixed batch are grouped by adapter:
+  * decoding (one token a row) with several adapters that hold most of the layer's ranks: every row times A_all in
+    one matmul, each row keeping only its own adapter's ranks (a mask), then one matmul with B_all: every factor
+    read once, in two kernels;
+  * otherwise, on a CPU, each run of rows naming one adapter takes two matmuls on its own factors, added in place
+    (the engine keeps rows sorted by adapter, so runs are long); on a GPU each row's factors are stacked and
+    multiplied in one bmm pair per rank (as BGMV kernels gather them).
+Rows that name no adapter, or one that leaves this layer alone, get nothing added. Never a forward per adapter, and
+no merged weight. Loading an adapter adds its own factors and nothing else (the storage is made again at its new
+size, the old freed; the base is never copied); unloading drops them.
 
 The `AdapterBank` owns the names and the current batch's per-row adapter ids (`with bank.rows(...)`).
 Changes to the bank (load, unload) must not overlap a forward: the serving engine makes them between steps.
@@ -42,19 +47,35 @@ def _add_product(out: Tensor, a: Tensor, B: Tensor) -> None:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen QuantLinear plus every resident adapter's LoRA factors for it, selected per batch row."""
+    """A frozen QuantLinear plus every resident adapter's LoRA factors for it, selected per batch row.
+
+    The factors of all resident adapters sit side by side along the rank: A_all (R, in) and B_all (out, R), adapter
+    i owning columns spans[i] = (offset, r), its scale folded into its B.
+    """
 
     def __init__(self, base: QuantLinear, bank: AdapterBank):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         object.__setattr__(self, "bank", bank)  # shared, not a submodule
-        self.factors: dict[int, tuple[Tensor, Tensor]] = {}  # adapter id -> A (r, in), scale * B (out, r)
+        self.A_all: Tensor | None = None  # (R, in)
+        self.B_all: Tensor | None = None  # (out, R)
+        self.owner: Tensor | None = None  # (R,) the adapter id of each rank column
+        self.spans: dict[int, tuple[int, int]] = {}  # adapter id -> (first column, rank)
+
+    @property
+    def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """{adapter id: (A (r, in), scale * B (out, r))}, views of the shared storage."""
+        return {i: self.factor(i) for i in self.spans}
+
+    def factor(self, i: int) -> tuple[Tensor, Tensor]:
+        off, r = self.spans[i]
+        return self.A_all[off:off + r], self.B_all[:, off:off + r]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (..., out): the base's own path (Triton kernels on a GPU)
         ids = self.bank.current
-        if ids is None or not self.factors:
+        if ids is None or not self.spans:
             return y
         n = len(ids)
         x2 = x.reshape(-1, self.in_features)  # (B*T, in): row b's tokens are rows b*T .. (b+1)*T - 1
@@ -65,26 +86,41 @@ class MultiLoraLinear(nn.Module):
         y = y.contiguous()
         out = y.view(-1, self.out_features)  # (B*T, out), a view of y: the products are added in place
         t = x2.shape[0] // n
-        if self.bank.gathered:
+        runs = [(i, start, stop) for i, start, stop in self.bank.runs if i in self.spans]
+        if t == 1 and self._all_at_once(runs):
+            # one token a row, most of what is resident in use: every row times every adapter's A in one matmul,
+            # each row keeping only its own adapter's ranks, then one matmul with B_all. Each factor is read
+            # once, in two kernels, instead of two small matmuls per run
+            a = x2.to(self.A_all.dtype) @ self.A_all.t()  # (B, R)
+            a.mul_(self.bank.current_tensor[:, None] == self.owner[None, :])
+            _add_product(out, a, self.B_all)
+        elif self.bank.gathered:
             self._gathered(x2, out, ids, t)
         else:
-            for i, start, stop in self.bank.runs:  # rows start..stop-1 all name adapter i
-                if i in self.factors:
-                    A, B = self.factors[i]
-                    a = x2[start * t: stop * t].to(A.dtype) @ A.t()  # (tokens, r)
-                    _add_product(out[start * t: stop * t], a, B)
+            for i, start, stop in runs:  # rows start..stop-1 all name adapter i
+                A, B = self.factor(i)
+                a = x2[start * t: stop * t].to(A.dtype) @ A.t()  # (tokens, r)
+                _add_product(out[start * t: stop * t], a, B)
         return y
+
+    def _all_at_once(self, runs: list[tuple[int, int, int]]) -> bool:
+        """Whether the whole storage in two matmuls beats a pair of matmuls per run: when there are several runs
+        and the batch's adapters hold at least half of this layer's ranks (it reads all of them)."""
+        if len(runs) < 3:
+            return False
+        used = sum(self.spans[i][1] for i in {i for i, _, _ in runs})
+        return 2 * used >= self.A_all.shape[0]
 
     def _gathered(self, x2: Tensor, out: Tensor, ids: list[int], t: int) -> None:
         """Each row's factors stacked and multiplied in one bmm pair per rank: few, large kernels (a GPU's way)."""
         groups: dict[int, list[int]] = {}  # rank -> rows whose adapter has factors here
         for row, i in enumerate(ids):
-            if i in self.factors:
-                groups.setdefault(self.factors[i][0].shape[0], []).append(row)
+            if i in self.spans:
+                groups.setdefault(self.spans[i][1], []).append(row)
         xs = x2.view(len(ids), t, self.in_features)
         for rows in groups.values():
-            A = torch.stack([self.factors[ids[row]][0] for row in rows])  # (n, r, in)
-            B = torch.stack([self.factors[ids[row]][1] for row in rows])  # (n, out, r)
+            A = torch.stack([self.factor(ids[row])[0] for row in rows])  # (n, r, in)
+            B = torch.stack([self.factor(ids[row])[1] for row in rows])  # (n, out, r)
             sel = xs if len(rows) == len(ids) else xs[rows]
             d = torch.bmm(torch.bmm(sel.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2)).to(out.dtype)
             if len(rows) == len(ids):
@@ -93,17 +129,36 @@ class MultiLoraLinear(nn.Module):
                 out.view(len(ids), t, self.out_features).index_add_(0, torch.tensor(rows, device=out.device), d)
 
     def add(self, adapter_id: int, A: Tensor, B: Tensor) -> None:
-        """Hold one adapter's A (r, in) and scaled B (out, r)."""
-        self.factors[adapter_id] = (A, B)
+        """Append one adapter's A (r, in) and scaled B (out, r) to the storage (a new, exactly sized copy)."""
+        r = A.shape[0]
+        owner = torch.full((r,), adapter_id, dtype=torch.long, device=A.device)
+        if self.A_all is None:
+            self.A_all, self.B_all, self.owner = A.contiguous(), B.contiguous(), owner
+            self.spans[adapter_id] = (0, r)
+            return
+        self.spans[adapter_id] = (self.A_all.shape[0], r)
+        self.A_all = torch.cat([self.A_all, A])
+        self.B_all = torch.cat([self.B_all, B], dim=1)
+        self.owner = torch.cat([self.owner, owner])
 
     def remove(self, adapter_id: int) -> None:
-        self.factors.pop(adapter_id, None)
+        """Drop one adapter's columns; the ones after it move up."""
+        if adapter_id not in self.spans:
+            return
+        off, r = self.spans.pop(adapter_id)
+        if not self.spans:
+            self.A_all = self.B_all = self.owner = None
+            return
+        self.A_all = torch.cat([self.A_all[:off], self.A_all[off + r:]])
+        self.B_all = torch.cat([self.B_all[:, :off], self.B_all[:, off + r:]], dim=1)
+        self.owner = torch.cat([self.owner[:off], self.owner[off + r:]])
+        self.spans = {i: (o - r if o > off else o, k) for i, (o, k) in self.spans.items()}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ab in self.factors.values() for t in ab)
+        return 0 if self.A_all is None else sum(t.numel() * t.element_size() for t in (self.A_all, self.B_all))
 
     def extra_repr(self) -> str:
-        return f"adapters={len(self.factors)}"
+        return f"adapters={len(self.spans)}, rank={0 if self.A_all is None else self.A_all.shape[0]}"
 
 
 @dataclass
@@ -149,6 +204,7 @@ class AdapterBank:
         self.layers: dict[str, MultiLoraLinear] = {}
         self.current: list[int] | None = None  # adapter id of each row of the batch being computed; 0 = none
         self.runs: list[tuple[int, int, int]] = []  # (adapter id, first row, row after the last) of each run
+        self.current_tensor: Tensor | None = None  # `current` on the device
         # Each layer's way through a mixed batch. A run of rows naming one adapter costs two matmuls, which reads
         # each adapter's factors once and copies nothing: fastest on a CPU, where the per-op cost is small, when
         # rows are grouped by adapter (the engine keeps them so). On a GPU, stacking each row's factors for one
@@ -182,11 +238,13 @@ class AdapterBank:
                 if ids[start]:
                     runs.append((ids[start], start, row))
                 start = row
-        before, self.current, self.runs = (self.current, self.runs), ids, runs
+        before = self.current, self.runs, self.current_tensor
+        self.current, self.runs = ids, runs
+        self.current_tensor = torch.tensor(ids, device=self.device)
         try:
             yield
         finally:
-            self.current, self.runs = before
+            self.current, self.runs, self.current_tensor = before
 
     def load(self, name: str, path: str | os.PathLike, check_base: bool = True) -> AdapterInfo:
         """Read a PEFT adapter folder and make it resident under `name` (`prepare`, then `install`).

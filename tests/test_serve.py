@@ -72,6 +72,13 @@ def test_every_row_of_a_mixed_batch_is_its_adapter_alone_and_peft(model_dirs, tm
         gathered = base(ids).logits  # each row's factors stacked (a GPU's way)
         bank.gathered = False
     assert rel_err(gathered, mixed) < 1e-6
+    step = token_batch(len(rows), 1, seed=5)  # one token a row: the whole storage in two matmuls, rows masked
+    with torch.no_grad():
+        with bank.rows(rows):
+            together = base(step).logits
+        for b, name in enumerate(rows):
+            with bank.rows([name]):
+                assert rel_err(together[b:b + 1], base(step[b:b + 1]).logits) < 1e-5
     for b, name in enumerate(rows):
         path = None if name is None else paths[int(name[2])]
         with torch.no_grad():
