@@ -73,11 +73,13 @@ def mixes(batch: int, names: list[str]) -> dict[str, list[str | None]]:
 def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict, callable]:
     """qlora-kit's runners, {label: run(n_tokens)}, what its adapters cost in memory, and the server's stop."""
     import qlora_kit as qk
+    from qlora_kit import allocator
     from qlora_kit.engine import Engine, SamplingParams
 
     base = qk.load_quantized(folder, quant=args.quant, compute_dtype=dtype, device=device)
     gc.collect()
     engine = Engine(base, tok, max_batch=args.batch, adapter_dtype=dtype)
+    allocator.trim()  # what loading the base freed is not counted as the adapters' saving
     before = rss()
     for i, p in enumerate(paths):
         engine.load_adapter(f"adapter{i}", p)

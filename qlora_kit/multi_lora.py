@@ -303,8 +303,10 @@ class AdapterBank:
             self._layer(module).add(adapter_id, A, B)
         info = AdapterInfo(prepared.name, adapter_id, prepared.path, max(set(ranks), key=ranks.count),
                            len(ranks), nbytes, prepared.base, sorted(prepared.factors))
+        prepared.factors = {}  # copied into the layers' storage (or become it): nothing else holds them
         self.adapters[prepared.name] = info
         self._bytes += nbytes
+        allocator.trim()  # the storage each layer had before it grew, and the prepared copies, go back to the system
         return info
 
     def _check_name(self, name: str) -> None:
