@@ -207,7 +207,7 @@ def _serve(args: argparse.Namespace) -> None:
     engine = Engine(model, tok, max_batch=cfg.max_batch, adapter_dtype=parse_dtype(cfg.adapter_dtype))
     for name, folder in cfg.adapters().items():
         info = engine.load_adapter(name, folder)
-        print(f"adapter {name}: {folder}, r={info.rank} on {info.layers} layers, {info.nbytes / 2**20:.1f} MiB",
+        print(f"adapter {name}: {folder}, r={info.rank} on {info.layers} layers, {info.nbytes / 2**20:.2f} MiB",
               file=sys.stderr)
     serve(engine, cfg.base_name, cfg.host, cfg.port, on_ready=lambda: print(
         f"serving {cfg.base_name!r} with {len(cfg.adapter)} adapter(s) at http://{cfg.host}:{cfg.port}/v1 "
