@@ -198,6 +198,7 @@ class AdapterBank:
             raise ValueError("the base model already has LoRA layers; serve a model without them and load "
                              "adapters by name")
         self.model, self.dtype = model, dtype
+        self.device = next(t.device for t in [*model.parameters(), *model.buffers()])  # where the base computes
         self.base_fingerprint = fingerprint(model)  # before any layer is wrapped
         self.shapes = {n: _in_out(model.get_submodule(n)) for n in linear_names(model)}  # targetable: (in, out)
         self.adapters: dict[str, AdapterInfo] = {}
@@ -205,17 +206,13 @@ class AdapterBank:
         self.current: list[int] | None = None  # adapter id of each row of the batch being computed; 0 = none
         self.runs: list[tuple[int, int, int]] = []  # (adapter id, first row, row after the last) of each run
         self.current_tensor: Tensor | None = None  # `current` on the device
-        # Each layer's way through a mixed batch. A run of rows naming one adapter costs two matmuls, which reads
-        # each adapter's factors once and copies nothing: fastest on a CPU, where the per-op cost is small, when
-        # rows are grouped by adapter (the engine keeps them so). On a GPU, stacking each row's factors for one
-        # bmm pair per rank costs a copy but few kernel launches.
+        # A layer's way through a mixed batch when not all at once: a run of rows naming one adapter costs two
+        # matmuls, which read each adapter's factors once and copy nothing: fastest on a CPU, where the per-op cost
+        # is small, when rows are grouped by adapter (the engine keeps them so). On a GPU, stacking each row's
+        # factors for one bmm pair per rank costs a copy but few kernel launches.
         self.gathered = self.device.type == "cuda"
         self._next_id = 1
         self._bytes = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(t.device for t in [*self.model.parameters(), *self.model.buffers()])
 
     def __contains__(self, name: str) -> bool:
         return name in self.adapters
