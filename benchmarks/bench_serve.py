@@ -32,11 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine, model_folder  # noqa: E402
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+from qlora_kit.memory.observed import rss_now  # noqa: E402
 
 
 def make_adapters(folder: Path, out: Path, n: int, rank: int, dtype: torch.dtype) -> list[Path]:
@@ -80,11 +76,11 @@ def ours(folder, tok, paths, batches, args, device, dtype) -> tuple[dict, dict, 
     gc.collect()
     engine = Engine(base, tok, max_batch=args.batch, adapter_dtype=dtype)
     allocator.trim()  # what loading the base freed is not counted as the adapters' saving
-    before = rss()
+    before = rss_now()
     for i, p in enumerate(paths):
         engine.load_adapter(f"adapter{i}", p)
     gc.collect()
-    memory = {"rss_growth": rss() - before, "bank_bytes": sum(
+    memory = {"rss_growth": rss_now() - before, "bank_bytes": sum(
         t.numel() * t.element_size() for layer in engine.bank.layers.values() for ab in layer.factors.values()
         for t in ab),
               "adapter_bytes": sum(a.nbytes for a in engine.adapters()),

@@ -210,10 +210,8 @@ def apply_adapter(model: nn.Module, path: Path, config: dict, pairs: dict[str, t
     """load_adapter with the adapter already read (read_adapter); with `under`, only the modules whose names
     start with it (one decoder block of a model read a block at a time) are checked and patched."""
     pairs = {n: ab for n, ab in pairs.items() if n.startswith(under or "")}  # a copy: expert factors are taken out
-    recorded = config.get(FINGERPRINT)
-    if check_base and recorded and recorded != fingerprint(model):
-        raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
-                         f"model's is {fingerprint(model)}; base was {config.get('base_model_name_or_path')!r})")
+    if check_base:
+        check_fingerprint(path, config, fingerprint(model))
     modules = dict(model.named_modules())
     stack_pairs = _stack_pairs(model, path, config, pairs, under)  # expert factors, by stack name
     existing = {n: m for n, m in lora_layers(model).items()
@@ -232,7 +230,7 @@ def apply_adapter(model: nn.Module, path: Path, config: dict, pairs: dict[str, t
         if module is None or not is_linear(module):
             what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise ValueError(f"{path}: adapter targets {name!r}, which this {type(model).__name__} has not ({what})")
-        in_f, out_f = _in_out(module)
+        in_f, out_f = in_out(module)
         if a.shape[1] != in_f or b.shape[0] != out_f:
             raise ValueError(f"{path}: adapter for {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)}, but the "
                              f"layer is {in_f} -> {out_f}")
@@ -269,6 +267,15 @@ def apply_adapter(model: nn.Module, path: Path, config: dict, pairs: dict[str, t
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return model
+
+
+def check_fingerprint(path: Path, config: dict, base: str) -> None:
+    """Refuse an adapter whose recorded base fingerprint (read_adapter puts it in `config`) is not `base`; an
+    adapter without one (PEFT's own files) passes, and its shapes are checked instead."""
+    recorded = config.get(FINGERPRINT)
+    if recorded and recorded != base:
+        raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
+                         f"model's is {base}; base was {config.get('base_model_name_or_path')!r})")
 
 
 def _stack_pairs(model: nn.Module, path: Path, config: dict, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -311,7 +318,8 @@ def _stack_pairs(model: nn.Module, path: Path, config: dict, pairs: dict[str, tu
     return out
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer: a QuantLinear, an nn.Linear, or a transposed Conv1D."""
     if isinstance(module, QuantLinear):
         return module.in_features, module.out_features
     w = module.weight

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .data import pad_id
 from .multi_lora import AdapterBank, AdapterInfo
 from .sampling import Completion, Event, Request, SamplingParams, sample
 
@@ -61,7 +62,7 @@ class Engine:
         self.eos = _eos_ids(model, tokenizer)
         # transformers >= 5.2x calls the KV cache `cache`, earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.pad = next((t for t in (tokenizer.pad_token_id, *sorted(self.eos)) if t is not None), 0)
+        self.pad = pad_id(tokenizer)  # what left padding holds (masked out)
         self._check_cache()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -279,13 +280,9 @@ class Engine:
         adapter_ids = [r.adapter_id for r in reqs]
         logits = self._forward(ids, mask, pos, adapter_ids, cache)
         tokens = sample(logits, reqs)
-        keep = [i for i, (r, t) in enumerate(zip(reqs, tokens, strict=True)) if not self._emit(r, t)]
-        if not keep:
-            return
-        index = torch.tensor(keep)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)]
-        self._join(cache, mask[index], pos[index, -1] + 1, torch.tensor(tokens)[index], [reqs[i] for i in keep])
+        finished = [r for r, t in zip(reqs, tokens, strict=True) if self._emit(r, t)]
+        self._join(cache, mask, pos[:, -1] + 1, torch.tensor(tokens), reqs)
+        self._drop(finished, finished=True)  # done at their first token: they leave at once
 
     def _join(self, cache: DynamicCache, mask: Tensor, pos: Tensor, last: Tensor, reqs: list[Request]) -> None:
         """Put freshly prefilled rows into the running batch, padding the shorter cache on the left."""

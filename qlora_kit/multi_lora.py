@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import allocator
-from .adapters import FINGERPRINT, read_adapter
+from .adapters import check_fingerprint, in_out, read_adapter
 from .config import QuantConfig, pattern_lookup
 from .layers import QuantLinear
 from .patch import fingerprint, linear_names, lora_layers, set_submodule, to_quant_linear
@@ -200,7 +200,7 @@ class AdapterBank:
         self.model, self.dtype = model, dtype
         self.device = next(t.device for t in [*model.parameters(), *model.buffers()])  # where the base computes
         self.base_fingerprint = fingerprint(model)  # before any layer is wrapped
-        self.shapes = {n: _in_out(model.get_submodule(n)) for n in linear_names(model)}  # targetable: (in, out)
+        self.shapes = {n: in_out(model.get_submodule(n)) for n in linear_names(model)}  # targetable: (in, out)
         self.adapters: dict[str, AdapterInfo] = {}
         self.layers: dict[str, MultiLoraLinear] = {}
         self.current: list[int] | None = None  # adapter id of each row of the batch being computed; 0 = none
@@ -258,11 +258,8 @@ class AdapterBank:
         self._check_name(name)
         path = Path(path)
         config, pairs = read_adapter(path)
-        recorded = config.get(FINGERPRINT)
-        if check_base and recorded and recorded != self.base_fingerprint:
-            raise ValueError(f"{path}: adapter was trained on a different base model (fingerprint {recorded}, this "
-                             f"base's is {self.base_fingerprint}; its base was "
-                             f"{config.get('base_model_name_or_path')!r})")
+        if check_base:
+            check_fingerprint(path, config, self.base_fingerprint)
         if config.get("target_parameters"):
             raise ValueError(f"{path}: adapter has expert (MoE) factors, which serving does not support yet")
         for module, (a, b) in pairs.items():  # check everything before making anything
@@ -345,9 +342,3 @@ class AdapterBank:
             set_submodule(self.model, name, self.layers[name])
         return self.layers[name]
 
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, QuantLinear):
-        return module.in_features, module.out_features
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])

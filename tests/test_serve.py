@@ -19,16 +19,16 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     GPT2Config,
-    LlamaConfig,
     MistralConfig,
     Qwen3Config,
 )
 
 import qlora_kit as qk
 from qlora_kit.engine import Engine, SamplingParams, UnknownAdapter
+from qlora_kit.loading import load_tokenizer
 from qlora_kit.multi_lora import AdapterBank
 
-from .conftest import make_model, make_tokenizer, randomize_b, rel_err, token_batch
+from .conftest import make_model, randomize_b, rel_err, token_batch
 from .test_adapters import peft_on
 
 # (rank, alpha, targets, extra LoRA options): ranks, scales and target sets differ between adapters
@@ -168,18 +168,12 @@ def test_refusals_name_the_adapter_and_change_nothing(model_dirs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """A tiny random Llama with a real tokenizer and chat template, and three adapters for it."""
-    folder = tmp_path_factory.mktemp("serve_model")
-    tok = make_tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    paths = make_adapters(folder, tmp_path_factory.mktemp("serve_adapters"), "nf4", std=0.5)
-    return folder, tok, paths
+def chat_model(run_model, tmp_path_factory):
+    """The tiny random Llama with a real tokenizer and chat template (conftest's run_model), and three adapters
+    for it; the adapters' folder has room for more."""
+    tok = load_tokenizer(run_model)
+    paths = make_adapters(run_model, tmp_path_factory.mktemp("serve_adapters"), "nf4", std=0.5)
+    return run_model, tok, paths
 
 
 def engine_for(chat_model, **kw):
@@ -465,7 +459,7 @@ def test_server_errors_are_openai_shaped(server, chat_model):
     assert r.status_code == 400
     r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "x" * 2000, "max_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
-    other = make_adapters(make_qwen(chat_model), chat_model[0].parent / "other_ad", "nf4", specs=SPECS[:1])[0]
+    other = make_adapters(make_qwen(chat_model), chat_model[2][0].parent / "other_ad", "nf4", specs=SPECS[:1])[0]
     r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(other)})
     assert r.status_code == 400 and "different base" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "nope"})
@@ -478,7 +472,7 @@ def test_server_errors_are_openai_shaped(server, chat_model):
 
 
 def make_qwen(chat_model):
-    folder = chat_model[0].parent / "qwen_base"
+    folder = chat_model[2][0].parent / "qwen_base"
     if not folder.exists():
         make_model("qwen2").save_pretrained(folder)
     return folder
@@ -549,7 +543,7 @@ def test_cli_serve_refuses_bad_input_in_one_line(chat_model, capsys):
     from qlora_kit.cli import main
 
     folder, _, paths = chat_model
-    other = make_adapters(make_qwen(chat_model), chat_model[0].parent / "other_ad2", "nf4", specs=SPECS[:1])[0]
+    other = make_adapters(make_qwen(chat_model), chat_model[2][0].parent / "other_ad2", "nf4", specs=SPECS[:1])[0]
     capsys.readouterr()  # the fixtures' own output
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
