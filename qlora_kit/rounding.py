@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from . import formats, gguf_types
 from .config import QuantConfig
 
+CHUNK_BYTES = 64 * 2**20  # stacked rows rounded in one pass: fewer, longer steps; their W^T at most this size
+
 
 class Grid:
     """The export's grid for a stack of rows: per row, one scale per group of `group` input columns (and, for
@@ -37,11 +39,15 @@ class Grid:
         self.group = group  # scales: (rows, in / group)
         self.offsets = None if offsets is None else offsets.float()
         self.table = table
+        self.uniform = table is None  # codes are consecutive integers: the nearest is rounding and a clamp
         if table is not None:
             values, self.perm = table.float().sort()
             self.values = values.to(scales.device)
             self.mids = (values[1:] + values[:-1]).to(scales.device) / 2  # nearest code: a bucket between midpoints
             self.perm = self.perm.to(scales.device)
+            self.uniform = bool(values[0] == values[0].round() and
+                                torch.equal(values, values[0] + torch.arange(len(values), dtype=values.dtype)))
+            self.lut = None if self.uniform else _Lut.make(self.values, self.mids)
 
     @classmethod
     def four_bit(cls, table: Tensor, block_scales: Tensor, shape: tuple[int, int], blocksize: int) -> Grid:
@@ -69,68 +75,170 @@ class Grid:
         return Grid(self.scales.to(device), self.group, self.table,
                     None if self.offsets is None else self.offsets.to(device))
 
-    def __call__(self, w: Tensor, col: int) -> tuple[Tensor, Tensor]:
-        """The nearest grid value of column `col` of W, w (rows,), and its codes."""
-        s = self.scales[:, col // self.group]
-        if self.offsets is not None:
-            o = self.offsets[:, col // self.group]
-            i = torch.bucketize((w - o) / s, self.mids)
-            return self.values[i] * s + o, self.perm[i]
-        x = w / s
-        if self.table is None:
-            codes = x.round_().clamp_(-127, 127)
-            return codes * s, codes
-        i = torch.bucketize(x, self.mids)
-        return self.values[i] * s, self.perm[i]
+    def columns(self) -> tuple[Tensor, Tensor | None]:
+        """Scales and offsets input-major, (in / group, rows), contiguous: a column's are one contiguous row."""
+        return (self.scales.t().contiguous(),
+                None if self.offsets is None else self.offsets.t().contiguous())
+
+
+class _Lut:
+    """The nearest entry of a sorted non-uniform table (nf4, fp4) in a few elementwise steps instead of a binary
+    search: x is mapped onto BINS equal bins over the table's range; `first[b]` is the index of the nearest
+    value at bin b's left edge, and one comparison with the next midpoint settles the rest, exactly, since no
+    bin holds two midpoints. (torch.bucketize costs 15-20 ns a value on a CPU; this is several times less.)"""
+
+    BINS = 4096
+
+    def __init__(self, scale: float, shift: float, first: Tensor, mids_t: Tensor):
+        self.scale, self.shift, self.first, self.mids_t = scale, shift, first, mids_t
+
+    @classmethod
+    def make(cls, values: Tensor, mids: Tensor) -> _Lut | None:
+        lo, hi = float(values[0]), float(values[-1])
+        scale = cls.BINS / (hi - lo)
+        mids_t = (mids.double() - lo) * scale  # midpoints in bin units
+        gaps = mids_t[1:] - mids_t[:-1]
+        if len(mids_t) and (float(mids_t[0]) < 2 or float(mids_t[-1]) > cls.BINS - 2 or
+                            (len(gaps) and float(gaps.min()) < 3)):
+            return None  # midpoints too close to each other or to the ends: a binary search instead
+        edges = torch.arange(cls.BINS, dtype=torch.float64) - 0.01  # a margin for the float32 mapping
+        first = torch.searchsorted(mids_t, edges)  # midpoints below each bin's left edge
+        mids_t = torch.cat([mids_t, torch.tensor([math.inf], dtype=torch.float64)]).float()
+        return cls(scale, -lo * scale, first.to(values.device), mids_t.to(values.device))
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: float = 0.01,
-               device: torch.device | str | None = None, input_major: bool = False) -> Tensor:
+               device: torch.device | str | None = None, input_major: bool = False,
+               return_energy: bool = False, factor: tuple[Tensor, Tensor] | None = None
+               ) -> Tensor | tuple[Tensor, Tensor]:
     """Codes (rows, in; int16) for W on a fixed grid, chosen column by column with error feedback through H^-1.
 
     The inverse Cholesky factor is computed in float32 after 1% damping, as GPTQ does (in float64 when float32
     cannot factor H); the rounding loop runs in float32, on `device` (default: W's). With input_major, `w` is
     given as W^T (in, rows), float32 and contiguous, and is rounded in place (no copy of it is made).
+
+    With return_energy, also each row's output error on the damped statistics, e H' e^T with e = w - q and
+    H' = H + damping (+1 on the diagonal of inputs that were always zero), at no extra matmul: with U the
+    upper Cholesky factor of H'^-1, e = err U for the loop's errors err_j = (w_j - q_j) / U_jj, so
+    e H' e^T = |err|^2. (energy_correction() takes the damping back out.)
+
+    `factor`: gptq_factor(hessian) computed once for several calls on the same H (hessian is then unused).
+
+    Speed: a column costs a few tensor operations (its nearest grid values, the error, the update of the block's
+    later columns), all into preallocated buffers: for rows in the thousands a CPU spends most of the loop on
+    their dispatch. Integer grids round; nf4/fp4 look up a fine table (_Lut) instead of a binary search.
+    H^-1's rows are divided by their diagonal once, so the error needs no division of its own.
     """
     dev = torch.device(device) if device is not None else w.device
-    hinv = _inverse_factor(hessian.to(dev), damp, torch.float32)
-    if hinv is None:  # H too ill-conditioned for float32 even with damping: float64 (twice the memory)
-        hinv = _inverse_factor(hessian.to(dev), damp, torch.float64).float()
+    hinv, diag = factor if factor is not None else gptq_factor(hessian, damp, dev)
     # input-major: column i of W is row i of wt, so each step reads and updates contiguous memory
     wt = w.to(dev) if input_major else w.to(dev, torch.float32).t().contiguous()  # (in, rows)
-    n = wt.shape[0]
+    n, rows = wt.shape
     grid = grid.to(dev)
+    scales, offsets = grid.columns()
+    lut = grid.lut if grid.table is not None else None
+    qmin, qmax = (-127.0, 127.0) if grid.table is None else (float(grid.values[0]), float(grid.values[-1]))
+    if lut is not None:
+        scales_t = scales / lut.scale  # x / scale_t + shift: x in LUT bins
+        shift = torch.tensor(lut.shift, device=dev)
     codes = torch.empty(wt.shape, dtype=torch.int16, device=dev)
+    x = torch.empty(rows, device=dev)  # the column in grid units (or LUT bins)
+    q = torch.empty(rows, device=dev)  # its nearest grid value, in grid units
+    m = torch.empty(rows, device=dev)
+    bins = torch.empty(rows, dtype=torch.int64, device=dev)
+    above = torch.empty(rows, dtype=torch.bool, device=dev)
+    b = min(block, n)
+    idx = torch.empty((b, rows), dtype=torch.int64, device=dev)  # a block's codes (index into the sorted table)
+    qs = torch.empty((b, rows), device=dev) if grid.uniform else None  # a block's values, for integer codes
+    energy = torch.zeros(rows, device=dev) if return_energy else None
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in wt
-        diag = torch.diagonal(h1).tolist()
-        err1 = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            q, c = grid(w1[i], i1 + i)
-            codes[i1 + i] = c
-            err = torch.sub(w1[i], q, out=err1[i]).div_(diag[i])
+        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in wt; at the end it holds the errors
+        for i, (wi, hrow) in enumerate(zip(w1, h1, strict=True)):
+            g = (i1 + i) // grid.group
+            s = scales[g]
+            if lut is not None and offsets is None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
+                torch.addcdiv(shift, wi, scales_t[g], out=x).clamp_(0, lut.BINS - 1)
+                bins.copy_(x)
+                torch.take(lut.first, bins, out=idx[i])
+                torch.take(lut.mids_t, idx[i], out=m)
+                idx[i].add_(torch.gt(x, m, out=above))
+                qi = torch.take(grid.values, idx[i], out=q)
+            else:
+                if offsets is None:
+                    torch.div(wi, s, out=x)
+                else:
+                    torch.sub(wi, offsets[g], out=x).div_(s)
+                if grid.uniform:  # int8, GGUF's integer grids: rounding and a clamp
+                    qi = torch.round(x, out=qs[i]).clamp_(qmin, qmax)
+                else:
+                    torch.bucketize(x, grid.mids, out=idx[i])
+                    qi = torch.take(grid.values, idx[i], out=q)
+            if offsets is None:  # the error w - value, in place of the column
+                wi.addcmul_(qi, s, value=-1)
+            else:
+                torch.sub(x, qi, out=wi).mul_(s)
             if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(h1[i, i + 1:], err, alpha=-1)
+                w1[i + 1:].addr_(hrow[i + 1:], wi, alpha=-1)
+        k = i2 - i1
+        if grid.table is None:
+            codes[i1:i2] = qs[:k]
+        elif grid.uniform:
+            codes[i1:i2] = grid.perm[qs[:k].sub(qmin).long()]
+        else:
+            codes[i1:i2] = grid.perm[idx[:k]]
+        if energy is not None:
+            energy.addmv_(w1.square().t(), diag[i1:i2].square().reciprocal())
         if i2 < n:
-            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
-    codes = codes.t()
-    return codes.contiguous().cpu()  # int16: a quarter of int64's memory for the stacked rows
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), w1, alpha=-1)
+    codes = codes.t().contiguous().cpu()  # int16: a quarter of int64's memory for the stacked rows
+    return (codes, energy.cpu()) if energy is not None else codes
+
+
+def energy_correction(d: Tensor, hessian: Tensor, damp: float = 0.01) -> Tensor:
+    """Per row of D (rows, in), what gptq_codes' energy counts beyond D H D^T: the damping's
+    damp * mean(diag H) * |d|^2, and |d_j|^2 for inputs that were always zero (their diagonal set to 1)."""
+    diag = torch.diag(hessian).float()
+    dead = diag == 0
+    lam = damp * float(torch.where(dead, torch.ones_like(diag), diag).mean())
+    sq = d.square()
+    out = sq.sum(1) * lam
+    if dead.any():
+        out += sq[:, dead].sum(1)
+    return out
+
+
+def gptq_factor(hessian: Tensor, damp: float = 0.01, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """What the rounding loop reads of H: U (upper Cholesky factor of the damped H^-1) with each row divided by
+    its diagonal, and that diagonal. float32, or float64 when float32 cannot factor H."""
+    hinv = _inverse_factor(hessian.to(device), damp, torch.float32)
+    if hinv is None:  # H too ill-conditioned for float32 even with damping: float64 (twice the memory)
+        hinv = _inverse_factor(hessian.to(device), damp, torch.float64).float()
+    diag = torch.diagonal(hinv).clone()
+    hinv.div_(diag[:, None])  # err_j = (w_j - q_j) / d_j, folded into row j
+    return hinv, diag
 
 
 def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor | None:
-    """The upper Cholesky factor of H^-1 after damping (as GPTQ does), in `dtype`; None if it does not exist there."""
-    h = hessian.to(dtype, copy=True)
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) after damping (as GPTQ does), in `dtype`; None if it
+    does not exist there.
+
+    One factorization and one triangular solve, where factoring H, inverting and factoring again takes three:
+    with J the order-reversing permutation and J H J = L L^T, U = J L^-1 J, since U^T U = J L^-T L^-1 J = H^-1.
+    """
+    h = hessian.flip(0, 1).to(dtype)  # J H J (a copy)
     dead = torch.diag(h) == 0  # inputs that were always zero: any value works
     h[dead, dead] = 1
     h.diagonal().add_(damp * float(torch.diag(h).mean()))
-    try:
-        h = torch.linalg.cholesky(h)  # one n x n matrix more at a time, not three
-        h = torch.cholesky_inverse(h)
-        h = torch.linalg.cholesky(h, upper=True)
-    except torch.linalg.LinAlgError:
+    low, info = torch.linalg.cholesky_ex(h)
+    del h
+    if int(info) != 0:
         return None
-    return None if not torch.isfinite(h).all() else h
+    u = torch.eye(len(low), dtype=dtype, device=low.device)
+    torch.linalg.solve_triangular(low, u, upper=False, out=u)  # L^-1, in place of the identity
+    del low
+    u = u.flip(0, 1)
+    return u if torch.isfinite(u).all() else None
 
 
 @dataclass
@@ -170,37 +278,58 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
     cands = [(n, "fresh", p, merged[n]) for n, p in fresh.items()]
     cands += [(n, "base", p, merged[n]) for n, p in base_packed.items() if p is not None]
     cands += [(n, "without", p, without[n]) for n, p in alone.items()]
-    grids = []
-    for _, _, like, w in cands:
-        shape = tuple(w.shape)
-        if q.quant in gguf_types.TYPES:  # GGUF blocks of 32: the f16 scales (and minima) the file will store
-            d, m = gguf_types.scales(like, q.quant, shape)
-            grids.append(Grid(d, gguf_types.BLOCK, gguf_types.table(q.quant), m))
-            continue
-        scales = formats.block_scales(like, q.quant, shape, q.blocksize)
-        grids.append(Grid(scales[:, None], shape[1]) if q.quant == "int8" else
-                     Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize))
-    wt = torch.cat([w.t() for _, _, _, w in cands], dim=1)  # (in, all rows): the one copy the rounding uses
-    codes = gptq_codes(wt, hessian, Grid.stack(grids), device=device, input_major=True)
-    del wt
+    grids = [_grid(like, tuple(w.shape), q) for _, _, like, w in cands]
+    factor = gptq_factor(hessian, device=device or "cpu")  # once for all the group's rows
     best: dict[str, tuple[float, Rounded]] = {}
     floors: dict[str, Tensor] = {}
-    row = 0
-    h = hessian.float()
-    for n, label, like, w in cands:
-        c = codes[row:row + w.shape[0]]
-        row += w.shape[0]
-        packed = _pack(c, like, q.quant, tuple(w.shape))
-        value = _dequantize(packed, w.shape, q)
-        if label == "without":
-            floors[n] = value
-            continue
-        err = output_energy(value - w, h)  # ||X (Q - W')^T||^2 on the calibration inputs
-        if n not in best or err < best[n][0]:
-            best[n] = (err, Rounded(packed, value, label))
+    chunks = _chunks([w.numel() * 4 for _, _, _, w in cands], CHUNK_BYTES)  # rows are independent given H
+    for j, chunk in enumerate(chunks):
+        wt = torch.cat([cands[k][3].t() for k in chunk], dim=1)  # (in, rows): the one copy the rounding uses
+        codes, energy = gptq_codes(wt, hessian, Grid.stack([grids[k] for k in chunk]), device=device,
+                                   input_major=True, return_energy=True, factor=factor)
+        del wt
+        if j == len(chunks) - 1:
+            factor = None  # all rows rounded: the factor's memory goes back before the decoding
+        row = 0
+        for n, label, like, w in (cands[k] for k in chunk):
+            c, e = codes[row:row + w.shape[0]], energy[row:row + w.shape[0]]
+            row += w.shape[0]
+            packed = _pack(c, like, q.quant, tuple(w.shape))
+            value = _dequantize(packed, w.shape, q)
+            if label == "without":
+                floors[n] = value
+                continue
+            # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
+            err = float(e.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
+            if n not in best or err < best[n][0]:
+                best[n] = (err, Rounded(packed, value, label))
+        del codes
     for n, f in floors.items():
         best[n][1].without = f
     return {n: r for n, (_, r) in best.items()}
+
+
+def _grid(like: dict[str, Tensor], shape: tuple[int, int], q: QuantConfig) -> Grid:
+    """The grid of the packed tensors `like` (their scales) for a weight of this shape."""
+    if q.quant in gguf_types.TYPES:  # GGUF blocks of 32: the f16 scales (and minima) the file will store
+        d, m = gguf_types.scales(like, q.quant, shape)
+        return Grid(d, gguf_types.BLOCK, gguf_types.table(q.quant), m)
+    scales = formats.block_scales(like, q.quant, shape, q.blocksize)
+    if q.quant == "int8":
+        return Grid(scales[:, None], shape[1])
+    return Grid.four_bit(formats.code_table(q.quant), scales, shape, q.blocksize)
+
+
+def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
+    """Indices of consecutive items whose sizes add up to at most `limit` (an item alone when larger)."""
+    out, total = [], limit
+    for k, size in enumerate(sizes):
+        if total + size > limit:
+            out.append([])
+            total = 0
+        out[-1].append(k)
+        total += size
+    return out
 
 
 def _pack(codes: Tensor, like: dict[str, Tensor], quant: str, shape: tuple[int, int]) -> dict[str, Tensor]:
@@ -212,11 +341,6 @@ def _pack(codes: Tensor, like: dict[str, Tensor], quant: str, shape: tuple[int, 
 
 def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:
     return formats.dequantize(packed, q.quant, tuple(shape), q.blocksize, torch.float32)
-
-
-def output_energy(d: Tensor, h: Tensor) -> float:
-    """trace(D H D^T) = ||X D^T||^2 for H = X^T X."""
-    return float(torch.dot((d @ h).reshape(-1), d.reshape(-1)))
 
 
 def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
