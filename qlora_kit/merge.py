@@ -42,7 +42,12 @@ from .patch import lora_layers
 from .rounding import InputStats, requantize_group, retained
 
 SHARD_BYTES = 2 * 2**30
-BATCH = 4  # rows per forward of the calibration and evaluation activations
+FORWARD_TOKENS = 1024  # tokens per forward of the calibration and evaluation activations (whole rows, at least one)
+
+
+def rows_per_forward(seq_len: int) -> int:
+    """Rows per forward: a few thousand tokens keep the matmuls efficient and a block's temporaries small."""
+    return max(1, FORWARD_TOKENS // seq_len)
 
 
 def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
@@ -81,7 +86,7 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
         method = "rtn"  # trained against this format's round to nearest: that rounding is the model it learned
         log(f"the adapter was trained merge-aware for {aware}: exporting with its round to nearest")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
-                             len(eval_set), BATCH)
+                             len(eval_set), rows_per_forward(cfg.seq_len))
     log(merge_report.format_plan(plan, cfg))
     if cfg.dry_run:
         return {"plan": plan}
@@ -186,14 +191,15 @@ class _Streamed:
         parts, model, layers = self.parts, self.parts.model, self.parts.layers
         ends = parts.untied_ends()  # an untied head is read only at the end, the embedding only at the start
         parts.load(None, skip=ends[1:] if ends else ())
-        cal = blocks.start(model, layers, blocks.batches(calib, BATCH))
+        batch = rows_per_forward(self.cfg.seq_len)
+        cal = blocks.start(model, layers, blocks.batches(calib, batch))
         streams = {}
         if eval_set is not None:
-            streams["base"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
+            streams["base"] = blocks.start(model, layers, blocks.batches(eval_set, batch))
             streams["unmerged"] = blocks.copy(streams["base"])
             cast = blocks.written(model, parts.layers_name, self.store)
             with blocks.swapped(cast):
-                streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, BATCH))
+                streams["export"] = blocks.start(model, layers, blocks.batches(eval_set, batch))
             if cast or self.floor_everywhere:
                 streams["export_base"] = blocks.copy(streams["export"])
             del cast  # the stored embedding's values: made again for the head at the end, not held meanwhile
@@ -250,7 +256,9 @@ class _Streamed:
                 with blocks.lora_off(with_lora.values()):
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
-        values, rows = self._merged(lora, linears, base, stats, experts)
+        del base  # decoded again a group at a time: a block's dense weights are not all held through the rounding
+        allocator.trim()  # and the forwards' small freed temporaries, before the rounding's working set
+        values, rows = self._merged(lora, linears, stats, experts)
         del stats  # the input statistics: not needed past the rounding
         allocator.trim()  # the rounding's working set, handed back before the export's streams
         for key, t, dtype in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype,
@@ -265,7 +273,7 @@ class _Streamed:
                 blocks.advance(block, i, streams["export"])
             if "export_base" in streams:  # the export's format without the update: what rounding alone does
                 for n in lora:
-                    stored[n] = self._without_update(n, lora[n], base[n])
+                    stored[n] = self._without_update(n, lora[n], lora[n].dequantize(torch.float32))
                 with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
                                                         bias_dtype=self.bias_dtype):
                     blocks.advance(block, i, streams["export_base"])
@@ -302,7 +310,7 @@ class _Streamed:
             return formats.quantize(self._src(n, layer, base), self.export_q)
         return None
 
-    def _merged(self, lora: dict[str, QuantLinear], linears: dict, base: dict[str, Tensor], stats: InputStats,
+    def _merged(self, lora: dict[str, QuantLinear], linears: dict, stats: InputStats,
                 experts: set[str]) -> tuple[dict, list]:
         """Each LoRA layer's export value (packed or dense) and its report row; layers sharing an input are
         rounded together."""
@@ -312,9 +320,10 @@ class _Streamed:
         for n in lora:
             groups.setdefault(stats.key.get(n, n), []).append(n)
         for key, names in groups.items():
-            h = stats.h.get(key)
+            h = stats.h.pop(key, None)  # not needed past its group: handed back before the next
             if h is None:
                 h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
+            base = {n: lora[n].dequantize(torch.float32) for n in names}  # the weights the adapter trained on
             requant = [n for n in names if cfg.quantized and n not in experts]
             # the layers rounded together are merged together; the others one at a time
             merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
@@ -342,6 +351,8 @@ class _Streamed:
                     values[n] = (src + delta).to(self.dense)
                     row.update(retained(values[n].float() - old, delta, h))
                 rows.append(row)
+            del h, base, rounded, src, delta, old  # the group's weights: all handed back before the next
+            allocator.trim()
         return values, rows
 
     @torch.no_grad()
@@ -355,23 +366,25 @@ class _Streamed:
         rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]
         for b, r in rows:  # one sequence at a time: (T, vocab) logits of one row, not of a minibatch
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
-            logits = {}
+            labels = batch["labels"][0, 1:]
+            keep = labels != IGNORE_INDEX
+            target = labels[keep][:, None]
+            logits, logp = {}, {}
             for k in ("base", "unmerged", "export", "export_base"):
                 if k not in streams:  # the export's format never changed the base: its loss is the base's
                     nll[k].append(nll["base"][-1])
                     continue
                 with blocks.swapped(written if k.startswith("export") else {}):
                     full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
-                lg, labels = full[:, :-1], batch["labels"][:, 1:]
-                loss = F.cross_entropy(lg.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="none").view(labels.shape)
-                nll[k].append((float(loss.sum(dtype=torch.float64)), int((labels != IGNORE_INDEX).sum())))
+                lg = full[0, :-1][keep]  # (scored tokens, vocab)
+                lp = lg.log_softmax(-1)
+                nll[k].append((-float(lp.gather(1, target).sum(dtype=torch.float64)), len(target)))
                 if k in ("unmerged", "export"):
-                    logits[k] = lg[labels != IGNORE_INDEX]
+                    logits[k], logp[k] = lg, lp
             ref, got = logits["unmerged"], logits["export"]
-            kl += float(F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum"))
-            diff2 += float((got - ref).pow(2).sum(dtype=torch.float64))
-            ref2 += float(ref.pow(2).sum(dtype=torch.float64))
+            kl += float(F.kl_div(logp["export"], logp["unmerged"], log_target=True, reduction="sum"))
+            diff2 += float(torch.dist(got, ref)) ** 2
+            ref2 += float(ref.norm()) ** 2
             tokens += ref.shape[0]
         ppl = {k: math.exp(sum(s for s, _ in v) / max(sum(c for _, c in v), 1)) for k, v in nll.items()}
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],

@@ -13,6 +13,7 @@ from . import export
 from .config import MergeConfig, QuantConfig
 from .layers import QuantLinear
 from .memory.observed import rss_now, system_available
+from .rounding import CHUNK_BYTES
 
 NOISE_Z = 2.0  # a gain smaller than this many times its noise is not measurable
 
@@ -57,10 +58,11 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
             # rounded alone) when the export's format is not the one trained on
             floor = cfg.quantized and (cfg.format != export_q_trained(model) or cfg.onto == "original")
             rows_stacked = (3 if floor else 2) * sum(outs[:2])
-            # H copied and factored in fp32 (two n x n at a time, and H kept); the stacked W^T (fp32) and its
-            # int16 codes; two layers' decoded candidates at a time
+            # H copied and factored in fp32 (three n x n at a time, H kept); the stacked W^T (fp32, in chunks of at
+            # most CHUNK_BYTES unless one layer is larger) and its int16 codes; two decoded candidates at a time
             if cfg.resolved_method() == "gptq":
-                work = max(work, in_f * in_f * 12 + rows_stacked * in_f * 6 + 2 * outs[0] * in_f * 4)
+                chunk = min(rows_stacked * in_f * 4, max(CHUNK_BYTES, outs[0] * in_f * 4))
+                work = max(work, in_f * in_f * 12 + chunk * 3 // 2 + 2 * outs[0] * in_f * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()

@@ -163,7 +163,7 @@ def test_merge_scores_its_export_the_same_on_either_path(monkeypatch, run_model,
     from transformers import AutoTokenizer
 
     from qlora_kit.evaluate import score
-    from qlora_kit.merge import BATCH, MergeConfig, _eval_and_calibration, merge
+    from qlora_kit.merge import MergeConfig, _eval_and_calibration, merge
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16)  # read by every new Linear4bit
     cfg = MergeConfig(model=str(run_model), adapter=str(run_at_128), out=str(tmp_path / "out"), format="nf4",
@@ -172,7 +172,7 @@ def test_merge_scores_its_export_the_same_on_either_path(monkeypatch, run_model,
     assert json_blocksize(tmp_path / "out") == 128
     seqs, _ = _eval_and_calibration(cfg, AutoTokenizer.from_pretrained(run_model), log=lambda s: None)
     with torch.no_grad():
-        ppl, _ = score(decoded_export(tmp_path / "out"), seqs, BATCH)
+        ppl, _ = score(decoded_export(tmp_path / "out"), seqs, 4)
     # streamed one sequence at a time through dense twins: another summation order than the batched reference
     assert report["model_metrics"]["ppl_merged"] == pytest.approx(ppl, rel=2e-4)
 
