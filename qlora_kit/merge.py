@@ -273,7 +273,7 @@ class _Streamed:
                 blocks.advance(block, i, streams["export"])
             if "export_base" in streams:  # the export's format without the update: what rounding alone does
                 for n in lora:
-                    stored[n] = self._without_update(n, lora[n], lora[n].dequantize(torch.float32))
+                    stored[n] = self._without_update(n, lora[n])
                 with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
                                                         bias_dtype=self.bias_dtype):
                     blocks.advance(block, i, streams["export_base"])
@@ -284,12 +284,15 @@ class _Streamed:
         """The weight the update is added to: the trained (dequantized) one, or the checkpoint's original."""
         return self.original.weight(n, layer) if self.original else base
 
-    def _without_update(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
+    def _without_update(self, n: str, layer: QuantLinear, base: Tensor | None = None) -> Tensor:
         """The fp32 weight the export would hold for layer n without the update: the trained (or original)
-        weights in the export's format, rounded by the same method (kept from the rounding pass)."""
+        weights in the export's format, rounded by the same method (kept from the rounding pass). `base`: the
+        layer's decoded weight when at hand (decoded here only if needed)."""
         cfg, q = self.cfg, self.export_q
         if n in self.floor:
             return self.floor[n]
+        if base is None:
+            base = layer.dequantize(torch.float32)
         src = self.original.weight(n, layer) if self.original else base
         if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
             return src.to(self.dense).float()
@@ -324,9 +327,10 @@ class _Streamed:
             if h is None:
                 h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
             base = {n: lora[n].dequantize(torch.float32) for n in names}  # the weights the adapter trained on
+            deltas = {n: lora[n].delta_weight().detach().float() for n in names}
             requant = [n for n in names if cfg.quantized and n not in experts]
             # the layers rounded together are merged together; the others one at a time
-            merged = {n: self._src(n, lora[n], base[n]) + lora[n].delta_weight().detach().float() for n in requant}
+            merged = {n: self._src(n, lora[n], base[n]) + deltas[n] for n in requant}
             # the floor: the same rounding of the weights without the update, in the same pass
             without = {n: self._src(n, lora[n], base[n]) for n in requant if not self._base_is_floor(lora[n].quant)}
             rounded = requantize_group(merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, q,
@@ -336,7 +340,7 @@ class _Streamed:
             for n in names:
                 layer = lora[n]
                 src = self._src(n, layer, base[n])
-                delta = layer.delta_weight().detach().float()
+                delta = deltas[n]
                 row = {"layer": n, "update_rel": _ratio(delta, src), "shape": [layer.out_features, layer.in_features]}
                 if self.original:
                     row["quant_err_rel"] = _ratio(base[n] - src, src)
@@ -351,7 +355,7 @@ class _Streamed:
                     values[n] = (src + delta).to(self.dense)
                     row.update(retained(values[n].float() - old, delta, h))
                 rows.append(row)
-            del h, base, rounded, src, delta, old  # the group's weights: all handed back before the next
+            del h, base, deltas, rounded, src, delta, old  # the group's weights: all handed back before the next
             allocator.trim()
         return values, rows
 

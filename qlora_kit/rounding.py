@@ -40,6 +40,7 @@ class Grid:
         self.offsets = None if offsets is None else offsets.float()
         self.table = table
         self.uniform = table is None  # codes are consecutive integers: the nearest is rounding and a clamp
+        self.lut = None  # a non-uniform table without offsets (nf4, fp4): the nearest by lookup
         if table is not None:
             values, self.perm = table.float().sort()
             self.values = values.to(scales.device)
@@ -47,7 +48,8 @@ class Grid:
             self.perm = self.perm.to(scales.device)
             self.uniform = bool(values[0] == values[0].round() and
                                 torch.equal(values, values[0] + torch.arange(len(values), dtype=values.dtype)))
-            self.lut = None if self.uniform else _Lut.make(self.values, self.mids)
+            if not self.uniform and offsets is None:
+                self.lut = _Lut.make(self.values, self.mids)
 
     @classmethod
     def four_bit(cls, table: Tensor, block_scales: Tensor, shape: tuple[int, int], blocksize: int) -> Grid:
@@ -136,7 +138,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
     n, rows = wt.shape
     grid = grid.to(dev)
     scales, offsets = grid.columns()
-    lut = grid.lut if grid.table is not None else None
+    lut = grid.lut
     qmin, qmax = (-127.0, 127.0) if grid.table is None else (float(grid.values[0]), float(grid.values[-1]))
     if lut is not None:
         scales_t = scales / lut.scale  # x / scale_t + shift: x in LUT bins
@@ -157,7 +159,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
         for i, (wi, hrow) in enumerate(zip(w1, h1, strict=True)):
             g = (i1 + i) // grid.group
             s = scales[g]
-            if lut is not None and offsets is None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
+            if lut is not None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
                 torch.addcdiv(shift, wi, scales_t[g], out=x).clamp_(0, lut.BINS - 1)
                 bins.copy_(x)
                 torch.take(lut.first, bins, out=idx[i])
@@ -198,9 +200,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
 def energy_correction(d: Tensor, hessian: Tensor, damp: float = 0.01) -> Tensor:
     """Per row of D (rows, in), what gptq_codes' energy counts beyond D H D^T: the damping's
     damp * mean(diag H) * |d|^2, and |d_j|^2 for inputs that were always zero (their diagonal set to 1)."""
-    diag = torch.diag(hessian).float()
-    dead = diag == 0
-    lam = damp * float(torch.where(dead, torch.ones_like(diag), diag).mean())
+    dead, lam = _damping(torch.diag(hessian).float(), damp)
     sq = d.square()
     out = sq.sum(1) * lam
     if dead.any():
@@ -219,6 +219,13 @@ def gptq_factor(hessian: Tensor, damp: float = 0.01, device: torch.device | str 
     return hinv, diag
 
 
+def _damping(diag: Tensor, damp: float) -> tuple[Tensor, float]:
+    """What the factorization adds to H, from its diagonal: 1 on inputs that were always zero (any value works
+    there), then damp x the mean of the diagonal so set, on every input (as GPTQ does)."""
+    dead = diag == 0
+    return dead, damp * float(torch.where(dead, torch.ones_like(diag), diag).mean())
+
+
 def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor | None:
     """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) after damping (as GPTQ does), in `dtype`; None if it
     does not exist there.
@@ -227,9 +234,9 @@ def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor 
     with J the order-reversing permutation and J H J = L L^T, U = J L^-1 J, since U^T U = J L^-T L^-1 J = H^-1.
     """
     h = hessian.flip(0, 1).to(dtype)  # J H J (a copy)
-    dead = torch.diag(h) == 0  # inputs that were always zero: any value works
+    dead, lam = _damping(torch.diag(h), damp)
     h[dead, dead] = 1
-    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    h.diagonal().add_(lam)
     low, info = torch.linalg.cholesky_ex(h)
     del h
     if int(info) != 0:
