@@ -42,6 +42,12 @@ from .patch import lora_layers
 from .rounding import InputStats, requantize_group, retained
 
 SHARD_BYTES = 2 * 2**30
+# Blocks from these sizes get their own mappings, handed back when freed; smaller ones are reused from malloc's
+# heaps (trimmed between phases). The forwards' and the report's temporaries (4-64 MB) come from the heaps: a
+# mapping each faulted in 38 GB of fresh pages in a 135M merge (a quarter of its time). The rounding, where the
+# peak is, keeps its large blocks in their own mappings: from the heaps they would raise the peak by fragmenting.
+MMAP_BYTES = 64 * 2**20
+ROUNDING_MMAP_BYTES = 4 * 2**20
 FORWARD_TOKENS = 1024  # tokens per forward of the calibration and evaluation activations (whole rows, at least one)
 
 
@@ -106,7 +112,7 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     if cfg.quantized and shapes["stacks"]:
         report["experts_exported_dense"] = {"stacks": shapes["stacks"], "dtype": cfg.dtype,
                                             "why": "transformers + bitsandbytes quantizes only nn.Linear layers"}
-    allocator.own_mappings_from(4 * 2**20)  # a block's tensors are 1-100 MB: freed, they go straight back
+    allocator.own_mappings_from(MMAP_BYTES)
     job = _Streamed(parts, cfg, export_q, trained_dtype, method, Path(cfg.adapter), adapter_cfg, pairs, src, target)
     progress_bar = merge_report.Progress(len(parts.layers), log, progress)
     if target is not None:
@@ -258,7 +264,9 @@ class _Streamed:
                 blocks.advance(block, i, streams["unmerged"])
         del base  # decoded again a group at a time: a block's dense weights are not all held through the rounding
         allocator.trim()  # and the forwards' small freed temporaries, before the rounding's working set
+        allocator.own_mappings_from(ROUNDING_MMAP_BYTES)
         values, rows = self._merged(lora, linears, stats, experts)
+        allocator.own_mappings_from(MMAP_BYTES)
         del stats  # the input statistics: not needed past the rounding
         allocator.trim()  # the rounding's working set, handed back before the export's streams
         for key, t, dtype in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype,
@@ -323,7 +331,7 @@ class _Streamed:
         for n in lora:
             groups.setdefault(stats.key.get(n, n), []).append(n)
         for key, names in groups.items():
-            h = stats.h.pop(key, None)  # not needed past its group: handed back before the next
+            h = stats.pop(key)  # not needed past its group: handed back before the next
             if h is None:
                 h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
             base = {n: lora[n].dequantize(torch.float32) for n in names}  # the weights the adapter trained on
@@ -345,15 +353,17 @@ class _Streamed:
                 if self.original:
                     row["quant_err_rel"] = _ratio(base[n] - src, src)
                 old = self._without_update(n, layer, base[n])
-                if n in rounded:
+                delta_h = layer.scaling * (layer.lora_B.detach().float() @ (layer.lora_A.detach().float() @ h))
+                if n in rounded:  # (dW H from the factors: r x in^2 where the product costs out x in^2)
                     r = rounded[n]
                     row["scales"] = r.scales
-                    row.update(retained(r.value - old, delta, h))
+                    row.update(retained(r.value - old, delta, h, delta_h))
                     row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
                     values[n] = r.packed
                 else:
                     values[n] = (src + delta).to(self.dense)
-                    row.update(retained(values[n].float() - old, delta, h))
+                    row.update(retained(values[n].float() - old, delta, h, delta_h))
+                del delta_h
                 rows.append(row)
             del h, base, deltas, rounded, src, delta, old  # the group's weights: all handed back before the next
             allocator.trim()

@@ -9,7 +9,8 @@ so the output error ||X (Q - W)^T|| stays small and a small update survives as a
 Speed: rows are independent given H, so every layer that reads the same input (q/k/v, gate/up, the
 experts of one stack) and both candidate grids (the base's scales, fresh scales) are rounded in one
 stacked pass; the arithmetic is float32 with the paper's lazy-batch updates (columns in blocks of 128,
-the rest of the matrix updated once per block by a matmul), on a GPU when one is present.
+the rest of the matrix updated once per block by a matmul; inside a block, sub-blocks of 16 the same way),
+on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class _Lut:
         return cls(scale, -lo * scale, first.to(values.device), mids_t.to(values.device))
 
 
-def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: float = 0.01,
+def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: int = 16, damp: float = 0.01,
                device: torch.device | str | None = None, input_major: bool = False,
                return_energy: bool = False, factor: tuple[Tensor, Tensor] | None = None
                ) -> Tensor | tuple[Tensor, Tensor]:
@@ -129,7 +130,9 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
     Speed: a column costs a few tensor operations (its nearest grid values, the error, the update of the block's
     later columns), all into preallocated buffers: for rows in the thousands a CPU spends most of the loop on
     their dispatch. Integer grids round; nf4/fp4 look up a fine table (_Lut) instead of a binary search.
-    H^-1's rows are divided by their diagonal once, so the error needs no division of its own.
+    H^-1's rows are divided by their diagonal once, so the error needs no division of its own. A column's
+    rank-1 update reaches only the rest of its sub-block of `inner` columns (a few rows of W^T, in cache);
+    each finished sub-block updates the rest of its block by one matmul.
     """
     dev = torch.device(device) if device is not None else w.device
     hinv, diag = factor if factor is not None else gptq_factor(hessian, damp, dev)
@@ -180,8 +183,12 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, damp: f
                 wi.addcmul_(qi, s, value=-1)
             else:
                 torch.sub(x, qi, out=wi).mul_(s)
-            if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(hrow[i + 1:], wi, alpha=-1)
+            j2 = min(i - i % inner + inner, i2 - i1)  # the end of this column's sub-block
+            if i + 1 < j2:  # the sub-block's later columns, one rank-1 update (a few rows of W^T: cache-resident)
+                w1[i + 1:j2].addr_(hrow[i + 1:j2], wi, alpha=-1)
+            elif j2 < i2 - i1:  # the sub-block is done: the block's later columns, in one matmul
+                j1 = j2 - inner
+                w1[j2:].addmm_(h1[j1:j2, j2:].t(), w1[j1:j2], alpha=-1)
         k = i2 - i1
         if grid.table is None:
             codes[i1:i2] = qs[:k]
@@ -241,11 +248,25 @@ def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor 
     del h
     if int(info) != 0:
         return None
-    u = torch.eye(len(low), dtype=dtype, device=low.device)
-    torch.linalg.solve_triangular(low, u, upper=False, out=u)  # L^-1, in place of the identity
+    u = _invert_lower_(low).flip(0, 1)
     del low
-    u = u.flip(0, 1)
-    return u if torch.isfinite(u).all() else None
+    return u if torch.isfinite(u.sum()) else None  # an inf or nan anywhere makes the sum one (as may overflow)
+
+
+def _invert_lower_(low: Tensor, leaf: int = 512) -> Tensor:
+    """A lower-triangular matrix inverted in place, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1,
+    D^-1]]. A third of the arithmetic of a triangular solve against the identity (which does not know its
+    right-hand side is triangular), in matmuls, and a quarter of the matrix as working memory."""
+    n = len(low)
+    if n <= leaf:
+        eye = torch.eye(n, dtype=low.dtype, device=low.device)
+        low.copy_(torch.linalg.solve_triangular(low, eye, upper=False))
+        return low
+    k = n // 2
+    a_inv, d_inv = _invert_lower_(low[:k, :k], leaf), _invert_lower_(low[k:, k:], leaf)
+    c_a = low[k:, :k] @ a_inv
+    torch.matmul(d_inv, c_a, out=low[k:, :k]).neg_()
+    return low
 
 
 @dataclass
@@ -273,13 +294,13 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
             grid, in the same stacked pass) into Rounded.without: the export's format alone, the floor the
             update is measured against.
     """
-    fresh = {n: formats.quantize(w, q) for n, w in merged.items()}
+    fresh = {n: formats.quantize(w, q, codes=method == "rtn") for n, w in merged.items()}  # gptq: scales alone
     without = without or {}
     if method == "rtn":  # the floor: the weight without the update rounded to nearest too
         return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh",
                            _dequantize(formats.quantize(without[n], q), merged[n].shape, q) if n in without else None)
                 for n, p in fresh.items()}
-    alone = {n: base_packed.get(n) or formats.quantize(w, q) for n, w in without.items()}
+    alone = {n: base_packed.get(n) or formats.quantize(w, q, codes=False) for n, w in without.items()}
     # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
     # block's range), and the base's own; the lower output error on the calibration inputs wins
     cands = [(n, "fresh", p, merged[n]) for n, p in fresh.items()]
@@ -350,12 +371,13 @@ def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:
     return formats.dequantize(packed, q.quant, tuple(shape), q.blocksize, torch.float32)
 
 
-def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
+def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tensor | None = None) -> dict:
     """How much of the intended update dW the export really applies (actual = its weight change).
 
     Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
     feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
     Inner products are taken without elementwise temporaries (one (out, in) product at a time).
+    `intended_h`: dW H when the caller has it cheaper (a LoRA update's s B (A H) costs r x in^2, not out x in^2).
     """
     a, b, h = actual.float(), intended.float(), hessian.float()
 
@@ -368,12 +390,24 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor) -> dict:
         return round(ab / math.sqrt(aa * bb), 4), round(math.sqrt(aa / bb), 4)
 
     w_cos, w_ratio = cos_ratio(dot(a, b), dot(a, a), dot(b, b))
-    ah = a @ h
-    ah_a, ah_b = dot(ah, a), dot(ah, b)
-    del ah
-    bh_b = dot(b @ h, b)
+    bh = b @ h if intended_h is None else intended_h.float()
+    ah_b, bh_b = dot(a, bh), dot(bh, b)
+    del bh
+    ah_a = dot(a @ h, a)
     o_cos, o_ratio = cos_ratio(ah_b, ah_a, bh_b)
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
+
+
+GRAM_BLOCK = 512  # H = X^T X of wider inputs is accumulated a block at a time, the blocks on and above the diagonal
+
+
+def _gram_blocks(n: int) -> list[tuple[slice, slice]]:
+    """The (rows, cols) blocks of an n x n symmetric matrix on and above its diagonal: a split into parts of about
+    GRAM_BLOCK (one part below 2 x GRAM_BLOCK; 8 at most). 8 parts compute 36 of 64 blocks."""
+    parts = min(8, max(1, n // GRAM_BLOCK))
+    cuts = [round(i * n / parts) for i in range(parts + 1)]
+    spans = [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [(spans[i], spans[j]) for i in range(parts) for j in range(i, parts)]
 
 
 class InputStats:
@@ -399,8 +433,18 @@ class InputStats:
             x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
             if key not in self.h:
                 self.h[key] = torch.zeros(x.shape[1], x.shape[1])
-            self.h[key].addmm_(x.t(), x)
+            for rows, cols in _gram_blocks(x.shape[1]):  # H is symmetric: the blocks on and above the diagonal
+                self.h[key][rows, cols].addmm_(x[:, rows].t(), x[:, cols])
         return fn
+
+    def pop(self, key: str) -> Tensor | None:
+        """The statistics of one input, whole (the blocks below the diagonal mirrored), no longer held here."""
+        h = self.h.pop(key, None)
+        if h is not None:
+            for rows, cols in _gram_blocks(h.shape[0]):
+                if rows != cols:
+                    h[cols, rows] = h[rows, cols].t()
+        return h
 
     @contextlib.contextmanager
     def collecting(self, layers: dict[str, nn.Module]) -> Iterator[None]:

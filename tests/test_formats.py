@@ -160,3 +160,5 @@ def test_cpu_4bit_quantizer_is_bitsandbytes_byte_for_byte(quant, dtype):
         want, state = bnbF.quantize_4bit(w.to(dtype), blocksize=bs, quant_type=quant, compress_statistics=False)
         got = formats.quantize(w.to(dtype), QuantConfig(quant=quant, blocksize=bs, double_quant=False))
         assert torch.equal(got["weight"], want) and torch.equal(got["absmax"], state.absmax)
+        scales = formats.quantize(w.to(dtype), QuantConfig(quant=quant, blocksize=bs, double_quant=False), codes=False)
+        assert "weight" not in scales and torch.equal(scales["absmax"], state.absmax)

@@ -152,6 +152,58 @@ def _gptq_reference(w, h, nearest, damp=0.01):
     return codes
 
 
+def test_inverse_factor_and_retained_against_float64():
+    """H^-1's upper factor (the triangular inverse by halves, recursing below `leaf`) and the output-space
+    measures of `retained` (with dW H given from the LoRA factors) against plain float64 arithmetic."""
+    from qlora_kit import rounding
+    torch.manual_seed(2)
+    n = 300
+    x = torch.randn(400, n) @ (torch.eye(n) + 0.2 * torch.randn(n, n))
+    h = x.t() @ x
+    low = torch.linalg.cholesky(h)
+    inv = rounding._invert_lower_(low.clone(), leaf=64)  # 300 -> 150 -> 75 -> 37/38: three levels of halves
+    ref = torch.linalg.inv(low.double())
+    assert rel_err(inv.double(), ref) < 1e-5
+    u = rounding._inverse_factor(h, 0.01, torch.float32).double()
+    hd = h.double()
+    damped = hd + 0.01 * hd.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    assert torch.equal(u, u.triu())
+    assert rel_err(u.t() @ u, torch.linalg.inv(damped)) < 1e-4
+
+    out_f, r = 40, 4
+    a_lora, b_lora = torch.randn(r, n), torch.randn(out_f, r)
+    delta = 0.5 * b_lora @ a_lora
+    actual = delta + 0.3 * torch.randn(out_f, n) * delta.std()
+    got = rounding.retained(actual, delta, h, 0.5 * b_lora @ (a_lora @ h))
+    for k, v in rounding.retained(actual, delta, h).items():  # dW H as a full product: the same measures
+        assert abs(got[k] - v) <= 2e-4, (k, got[k], v)
+    ad, dd = actual.double(), delta.double()
+    ip = {k: float(torch.trace(p @ hd @ q.t())) for k, (p, q) in
+          {"ab": (ad, dd), "aa": (ad, ad), "bb": (dd, dd)}.items()}
+    assert abs(got["output_cos"] - ip["ab"] / (ip["aa"] * ip["bb"]) ** 0.5) < 2e-4
+    assert abs(got["output_norm_ratio"] - (ip["aa"] / ip["bb"]) ** 0.5) < 2e-4
+    assert abs(got["update_cos"] - float((ad * dd).sum() / (ad.norm() * dd.norm()))) < 2e-4
+
+
+@pytest.mark.parametrize("width", [300, 1300])
+def test_input_statistics_are_x_transpose_x(width):
+    """Layers reading one input share one H = X^T X over all calls, accumulated (for wide inputs) a block at a
+    time on and above the diagonal and mirrored when taken: against float64."""
+    from qlora_kit.rounding import InputStats
+    torch.manual_seed(3)
+    q, k = torch.nn.Linear(width, 8), torch.nn.Linear(width, 4)
+    stats = InputStats({})
+    xs = [torch.randn(2, 37, width) for _ in range(3)]
+    with stats.collecting({"q": q, "k": k}), torch.no_grad():
+        for x in xs:
+            q(x), k(x)
+    assert stats.key == {"q": "q", "k": "q"}
+    h = stats.pop("q")
+    x = torch.cat([x.reshape(-1, width) for x in xs]).double()
+    assert rel_err(h.double(), x.t() @ x) < 1e-6 and torch.equal(h, h.t())
+    assert stats.pop("q") is None
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8", "q4_1"])
 def test_gptq_matches_an_independent_float64_reference(kind):
     """The fast loop (float32, lazy batches, stacked layout) chooses the codes the plain algorithm does."""
