@@ -366,7 +366,6 @@ class _Streamed:
                 del delta_h
                 rows.append(row)
             del h, base, deltas, rounded, src, delta, old  # the group's weights: all handed back before the next
-            allocator.trim()
         return values, rows
 
     @torch.no_grad()

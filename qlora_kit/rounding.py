@@ -156,29 +156,33 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
     idx = torch.empty((b, rows), dtype=torch.int64, device=dev)  # a block's codes (index into the sorted table)
     qs = torch.empty((b, rows), device=dev) if grid.uniform else None  # a block's values, for integer codes
     energy = torch.zeros(rows, device=dev) if return_energy else None
+    # the per-column views, made once (a view costs a dispatch of its own)
+    scale_rows, idx_rows = list(scales), list(idx)
+    scale_t_rows = list(scales_t) if lut is not None else None
+    qs_rows = list(qs) if qs is not None else None
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in wt; at the end it holds the errors
         for i, (wi, hrow) in enumerate(zip(w1, h1, strict=True)):
             g = (i1 + i) // grid.group
-            s = scales[g]
+            s, ii = scale_rows[g], idx_rows[i]
             if lut is not None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
-                torch.addcdiv(shift, wi, scales_t[g], out=x).clamp_(0, lut.BINS - 1)
+                torch.addcdiv(shift, wi, scale_t_rows[g], out=x).clamp_(0, lut.BINS - 1)
                 bins.copy_(x)
-                torch.take(lut.first, bins, out=idx[i])
-                torch.take(lut.mids_t, idx[i], out=m)
-                idx[i].add_(torch.gt(x, m, out=above))
-                qi = torch.take(grid.values, idx[i], out=q)
+                torch.take(lut.first, bins, out=ii)
+                torch.take(lut.mids_t, ii, out=m)
+                ii.add_(torch.gt(x, m, out=above))
+                qi = torch.take(grid.values, ii, out=q)
             else:
                 if offsets is None:
                     torch.div(wi, s, out=x)
                 else:
                     torch.sub(wi, offsets[g], out=x).div_(s)
                 if grid.uniform:  # int8, GGUF's integer grids: rounding and a clamp
-                    qi = torch.round(x, out=qs[i]).clamp_(qmin, qmax)
+                    qi = torch.round(x, out=qs_rows[i]).clamp_(qmin, qmax)
                 else:
-                    torch.bucketize(x, grid.mids, out=idx[i])
-                    qi = torch.take(grid.values, idx[i], out=q)
+                    torch.bucketize(x, grid.mids, out=ii)
+                    qi = torch.take(grid.values, ii, out=q)
             if offsets is None:  # the error w - value, in place of the column
                 wi.addcmul_(qi, s, value=-1)
             else:
