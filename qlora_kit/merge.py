@@ -366,6 +366,7 @@ class _Streamed:
                 del delta_h
                 rows.append(row)
             del h, base, deltas, rounded, src, delta, old  # the group's weights: all handed back before the next
+            allocator.trim()  # with the small ones malloc keeps (without it the 780M case peaks 90 MiB higher)
         return values, rows
 
     @torch.no_grad()
