@@ -397,7 +397,9 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tens
     bh = b @ h if intended_h is None else intended_h.float()
     ah_b, bh_b = dot(a, bh), dot(bh, b)
     del bh
-    ah_a = dot(a @ h, a)
+    # A H A^T over H's blocks on and above its diagonal (symmetric: those off it count twice)
+    ah_a = sum((1 if rows == cols else 2) * dot(a[:, rows] @ h[rows, cols], a[:, cols])
+               for rows, cols in _gram_blocks(h.shape[0]))
     o_cos, o_ratio = cos_ratio(ah_b, ah_a, bh_b)
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
 

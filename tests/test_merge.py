@@ -157,11 +157,11 @@ def test_inverse_factor_and_retained_against_float64():
     measures of `retained` (with dW H given from the LoRA factors) against plain float64 arithmetic."""
     from qlora_kit import rounding
     torch.manual_seed(2)
-    n = 300
-    x = torch.randn(400, n) @ (torch.eye(n) + 0.2 * torch.randn(n, n))
+    n = 1100  # retained's A H A^T in two parts (blocks on and above the diagonal)
+    x = torch.randn(1300, n) @ (torch.eye(n) + 0.2 * torch.randn(n, n) / n ** 0.5)
     h = x.t() @ x
     low = torch.linalg.cholesky(h)
-    inv = rounding._invert_lower_(low.clone(), leaf=64)  # 300 -> 150 -> 75 -> 37/38: three levels of halves
+    inv = rounding._invert_lower_(low.clone(), leaf=200)  # 1100 -> 550 -> 275 -> 137/138: three levels of halves
     ref = torch.linalg.inv(low.double())
     assert rel_err(inv.double(), ref) < 1e-5
     u = rounding._inverse_factor(h, 0.01, torch.float32).double()
