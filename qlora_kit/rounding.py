@@ -254,7 +254,7 @@ def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor 
         return None
     u = _invert_lower_(low).flip(0, 1)
     del low
-    return u if torch.isfinite(u.sum()) else None  # an inf or nan anywhere makes the sum one (as may overflow)
+    return u if torch.isfinite(u.sum()) else None  # an inf or nan anywhere makes the sum so (an overflow too: float64)
 
 
 def _invert_lower_(low: Tensor, leaf: int = 512) -> Tensor:
@@ -380,7 +380,7 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tens
 
     Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
     feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
-    Inner products are taken without elementwise temporaries (one (out, in) product at a time).
+    Inner products are taken without elementwise temporaries (one product of a block of H at a time).
     `intended_h`: dW H when the caller has it cheaper (a LoRA update's s B (A H) costs r x in^2, not out x in^2).
     """
     a, b, h = actual.float(), intended.float(), hessian.float()
@@ -404,7 +404,7 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tens
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
 
 
-GRAM_BLOCK = 512  # H = X^T X of wider inputs is accumulated a block at a time, the blocks on and above the diagonal
+GRAM_BLOCK = 512  # H = X^T X (and the report's A H A^T) of wider inputs: a block at a time, on and above the diagonal
 
 
 def _gram_blocks(n: int) -> list[tuple[slice, slice]]:
