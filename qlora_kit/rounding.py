@@ -94,6 +94,8 @@ class _Lut:
 
     def __init__(self, scale: float, shift: float, first: Tensor, mids_t: Tensor):
         self.scale, self.shift, self.first, self.mids_t = scale, shift, first, mids_t
+        self.next_mid = mids_t[first]  # per bin, the midpoint the comparison is with (one lookup, not two)
+        self.first_f = first.float()  # float: on a CPU, float elementwise steps cost a third of int64 ones
 
     @classmethod
     def make(cls, values: Tensor, mids: Tensor) -> _Lut | None:
@@ -150,11 +152,13 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
     x = torch.empty(rows, device=dev)  # the column in grid units (or LUT bins)
     q = torch.empty(rows, device=dev)  # its nearest grid value, in grid units
     m = torch.empty(rows, device=dev)
-    bins = torch.empty(rows, dtype=torch.int64, device=dev)
-    above = torch.empty(rows, dtype=torch.bool, device=dev)
+    bins = torch.empty(rows, dtype=torch.int32, device=dev)
+    above = torch.empty(rows, device=dev)
     b = min(block, n)
-    idx = torch.empty((b, rows), dtype=torch.int64, device=dev)  # a block's codes (index into the sorted table)
+    # a block's codes (index into the sorted table); with a LUT as float, which holds them exactly
+    idx = torch.empty((b, rows), dtype=torch.float32 if lut is not None else torch.int64, device=dev)
     qs = torch.empty((b, rows), device=dev) if grid.uniform else None  # a block's values, for integer codes
+    perm = None if grid.table is None else grid.perm.to(torch.int16)
     energy = torch.zeros(rows, device=dev) if return_energy else None
     # the per-column views, made once (a view costs a dispatch of its own)
     scale_rows, idx_rows = list(scales), list(idx)
@@ -169,10 +173,10 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
             if lut is not None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
                 torch.addcdiv(shift, wi, scale_t_rows[g], out=x).clamp_(0, lut.BINS - 1)
                 bins.copy_(x)
-                torch.take(lut.first, bins, out=ii)
-                torch.take(lut.mids_t, ii, out=m)
+                torch.index_select(lut.first_f, 0, bins, out=ii)
+                torch.index_select(lut.next_mid, 0, bins, out=m)
                 ii.add_(torch.gt(x, m, out=above))
-                qi = torch.take(grid.values, ii, out=q)
+                qi = torch.index_select(grid.values, 0, bins.copy_(ii), out=q)
             else:
                 if offsets is None:
                     torch.div(wi, s, out=x)
@@ -182,7 +186,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
                     qi = torch.round(x, out=qs_rows[i]).clamp_(qmin, qmax)
                 else:
                     torch.bucketize(x, grid.mids, out=ii)
-                    qi = torch.take(grid.values, ii, out=q)
+                    qi = torch.index_select(grid.values, 0, ii, out=q)
             if offsets is None:  # the error w - value, in place of the column
                 wi.addcmul_(qi, s, value=-1)
             else:
@@ -196,10 +200,9 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
         k = i2 - i1
         if grid.table is None:
             codes[i1:i2] = qs[:k]
-        elif grid.uniform:
-            codes[i1:i2] = grid.perm[qs[:k].sub(qmin).long()]
-        else:
-            codes[i1:i2] = grid.perm[idx[:k]]
+        else:  # stored codes: the sorted table's indices through its permutation (a flat lookup: fastest)
+            sorted_idx = qs[:k].sub(qmin).long() if grid.uniform else idx[:k].long()
+            torch.index_select(perm, 0, sorted_idx.view(-1), out=codes[i1:i2].view(-1))
         if energy is not None:
             energy.addmv_(w1.square().t(), diag[i1:i2].square().reciprocal())
         if i2 < n:
