@@ -1,6 +1,7 @@
 """Weight formats: quantize, dequantize and multiply for nf4, fp4 and int8.
 
-This is the only module of the package that talks to bitsandbytes. A quantized weight
+This is the only module of the package that talks to bitsandbytes, and only when a job needs it (CUDA, int8,
+its optimizers): the 4-bit formats' tables are made here. A quantized weight
 travels through the rest of the package as a plain dict of tensors (its "packed" form),
 so that a layer can register them as buffers and `.to(device)` / `state_dict()` just work:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import warnings
@@ -50,12 +52,20 @@ class _DropNotice(logging.Filter):
 # import that logs it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNotice("Failed to load CPU gemm_4bit_forward"))
 
-import bitsandbytes.functional as bnbF  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from . import gguf_types  # noqa: E402
 from .config import QuantConfig  # noqa: E402
+
+
+def _bnb():
+    """bitsandbytes.functional, imported on first use: its import takes 2-3 s (it loads torch's compiler), and a
+    CPU job in nf4 / fp4 (loading, training, merging, GGUF) never calls it. Those need only the formats' tables,
+    which this module makes itself (the tests hold them equal to bitsandbytes' byte for byte)."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the second level of double quantization
 DECODE_CHUNK = 1 << 16  # most values decoded per step off CUDA (see _decode)
@@ -81,7 +91,7 @@ def quantize(w: Tensor, cfg: QuantConfig, codes: bool = True) -> dict[str, Tenso
     if cfg.quant == "none":
         return {"weight": w.detach().to(cfg.compute_dtype).contiguous()}
     if cfg.quant == "int8":
-        cb, scb, _ = bnbF.int8_vectorwise_quant(w.detach().to(torch.float16).contiguous())
+        cb, scb, _ = _bnb().int8_vectorwise_quant(w.detach().to(torch.float16).contiguous())
         return {"weight": cb, "scb": scb.float()}
     if w.numel() % cfg.blocksize:
         raise ValueError(
@@ -101,7 +111,7 @@ def quantize(w: Tensor, cfg: QuantConfig, codes: bool = True) -> dict[str, Tenso
         if cfg.double_quant:
             out.update(_double_quantize(absmax))
         return out
-    packed, state = bnbF.quantize_4bit(
+    packed, state = _bnb().quantize_4bit(
         src, blocksize=cfg.blocksize, quant_type=cfg.quant, compress_statistics=cfg.double_quant and not nested_here
     )
     out = {"weight": packed, "absmax": state.absmax, "quant_map": state.code}
@@ -121,14 +131,12 @@ def _quantize_4bit_cpu(w: Tensor, blocksize: int, quant: str, codes: bool = True
     of `blocksize` values, absmax and the scaled values clamped to [-1, 1]; the code is the number of code
     boundaries below a value (what its torch.bucketize returns), counted with one comparison per boundary
     instead of a binary search per value. (None, absmax) when not `codes`."""
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
-
     blocks = w.reshape(-1, blocksize).float()
     # max |x| as max(max x, -min x): the same values (+0.0 for a block of zeros), a third of abs().max()'s time
     absmax = torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg_()).add_(0.0)
     if not codes:
         return None, absmax
-    bounds, order = _get_4bit_quantize_bounds(quant, w.device)
+    bounds, order = _quantize_bounds(quant, w.device)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
     q = torch.zeros(scaled.shape, dtype=torch.uint8, device=w.device)
     for b in bounds.tolist():
@@ -148,14 +156,15 @@ def _double_quantize(absmax: Tensor) -> dict[str, Tensor]:
     padded = torch.nn.functional.pad(centered, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, NESTED_BLOCKSIZE)
     nested_absmax = padded.abs().amax(dim=1)  # (blocks,)
     scaled = (padded / nested_absmax.clamp_min(1e-38)[:, None]).clamp(-1, 1).flatten()[:n]
-    table = bnbF.create_dynamic_map().float().to(absmax.device)  # 256 values, ascending
+    table = dynamic_map().to(absmax.device)  # 256 values, ascending
     codes = torch.bucketize(scaled, (table[1:] + table[:-1]) / 2)  # the nearest value (ties to the lower)
     return {"absmax": codes.to(torch.uint8), "nested_absmax": nested_absmax, "nested_quant_map": table,
             "offset": offset.reshape(1).float()}
 
 
 def _quant_state(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], blocksize: int,
-                 dtype: torch.dtype) -> bnbF.QuantState:
+                 dtype: torch.dtype):
+    bnbF = _bnb()
     state2 = None
     if "nested_absmax" in packed:
         state2 = bnbF.QuantState(absmax=packed["nested_absmax"], code=packed["nested_quant_map"],
@@ -213,7 +222,7 @@ def dequantize(packed: dict[str, Tensor], quant: str, shape: tuple[int, int], bl
         return _decode(lambda lo, hi, dst: dst.copy_(codes[lo:hi]), block_scales(packed, quant, shape, blocksize),
                        shape[1], shape, dtype)
     if packed["weight"].is_cuda:
-        return bnbF.dequantize_4bit(packed["weight"], _quant_state(packed, quant, shape, blocksize, dtype))
+        return _bnb().dequantize_4bit(packed["weight"], _quant_state(packed, quant, shape, blocksize, dtype))
     return _decode_4bit(packed["weight"], packed["quant_map"], block_scales(packed, quant, shape, blocksize),
                         blocksize, shape, dtype)
 
@@ -268,6 +277,7 @@ def int8_mixed_matmul(x: Tensor, packed: dict[str, Tensor], threshold: float, dt
     int8 x int8 -> int32 matmul.
     """
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    bnbF = _bnb()
     cx, sx, outliers = bnbF.int8_vectorwise_quant(x2.to(torch.float16).contiguous(), threshold=threshold)
     acc = _int8_matmul(cx, packed["weight"])  # (N, out) int32
     y = bnbF.int8_mm_dequant(acc, sx, packed["scb"]).to(dtype)
@@ -291,7 +301,7 @@ def _int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     this multiplies in float64, where every partial sum is an integer below 2**53 whatever torch's float32
     matmul precision is set to, 1,024 columns at a time."""
     if a.is_cuda:
-        return bnbF.int8_linear_matmul(a, b)
+        return _bnb().int8_linear_matmul(a, b)
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for k in range(0, a.shape[1], INT8_EXACT_K):
         acc += a[:, k:k + INT8_EXACT_K].double() @ b[:, k:k + INT8_EXACT_K].double().t()
@@ -340,8 +350,49 @@ def packed_nbytes(packed: dict[str, Tensor]) -> int:
 
 
 def code_table(quant: str) -> Tensor:
-    """The 16 values a 4-bit code stands for (before scaling by the block's absmax)."""
-    return bnbF.get_4bit_type(quant, device="cpu")
+    """The 16 values a 4-bit code stands for (before scaling by the block's absmax), float32, by code."""
+    return _code_table(quant).clone()
+
+
+@functools.cache
+def _code_table(quant: str) -> Tensor:
+    if quant == "nf4":  # NormalFloat (QLoRA): quantiles of N(0, 1), 8 positive and 7 negative, and an exact 0
+        offset = 0.9677083  # the outermost quantile, so that 1 and -1 are values (after the scaling below)
+        # (the probabilities in float32, their quantiles in float64, the values in float32: the published table)
+        pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+        neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+        values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+        return values / values.abs().max()
+    if quant == "fp4":  # 1 sign, 2 exponent (bias 2), 1 mantissa bit; bitsandbytes' code order, then scaled to 1
+        magnitudes = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+        values = torch.tensor(magnitudes + [0.0 - m for m in magnitudes], dtype=torch.float32)  # (+0.0 twice)
+        return values / values.abs().max()
+    raise ValueError(f"no 4-bit code table for {quant!r} (nf4, fp4)")
+
+
+@functools.cache
+def _quantize_bounds(quant: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The midpoints between a 4-bit table's sorted values and the sort's order (code of the k-th smallest)."""
+    table = _code_table(quant).to(device)
+    order = torch.argsort(table)
+    return (table[order[:-1]] + table[order[1:]]) / 2, order
+
+
+@functools.cache
+def _dynamic_map() -> Tensor:
+    # signed: for each of 7 decimal exponents e = -6..0, 2^(e+6) fractions, the midpoints of an even split of
+    # [0.1, 1], times 10^e, with both signs; then 0 and 1: 256 values
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = ((edges[:-1] + edges[1:]) / 2.0) * (10.0 ** (i - 6))
+        values += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map() -> Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (the second level's code values), 256 float32 values, ascending."""
+    return _dynamic_map().clone()
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

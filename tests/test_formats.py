@@ -162,3 +162,38 @@ def test_cpu_4bit_quantizer_is_bitsandbytes_byte_for_byte(quant, dtype):
         assert torch.equal(got["weight"], want) and torch.equal(got["absmax"], state.absmax)
         scales = formats.quantize(w.to(dtype), QuantConfig(quant=quant, blocksize=bs, double_quant=False), codes=False)
         assert "weight" not in scales and torch.equal(scales["absmax"], state.absmax)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_code_tables_are_bitsandbytes_bit_for_bit(quant):
+    """The tables made here from the formats' definitions (so that a CPU job need not import bitsandbytes)
+    against bitsandbytes' own: the 4-bit values, the quantizer's midpoints and order, the 8-bit dynamic map."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    def bits(t):
+        return t.float().contiguous().view(torch.int32)  # +0.0 and -0.0 differ here
+
+    assert torch.equal(bits(formats.code_table(quant)), bits(bnbF.get_4bit_type(quant, device="cpu")))
+    mids, order = formats._quantize_bounds(quant, torch.device("cpu"))
+    want_mids, want_order = _get_4bit_quantize_bounds(quant, torch.device("cpu"))
+    assert torch.equal(bits(mids), bits(want_mids)) and torch.equal(order, want_order)
+    assert torch.equal(bits(formats.dynamic_map()), bits(bnbF.create_dynamic_map()))
+
+
+def test_a_cpu_4bit_job_does_not_import_bitsandbytes():
+    """Quantizing, decoding and the layer's forward in nf4 on a CPU: bitsandbytes stays unimported (2-3 s)."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+from qlora_kit import formats
+from qlora_kit.config import QuantConfig
+from qlora_kit.layers import QuantLinear
+q = QuantConfig(quant="nf4", compute_dtype=torch.float32)
+layer = QuantLinear.from_dense(torch.randn(64, 128), q)
+layer(torch.randn(2, 128))
+formats.dequantize(formats.quantize(torch.randn(64, 128), q), "nf4", (64, 128), 64, torch.float32)
+print("bitsandbytes" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
