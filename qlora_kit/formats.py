@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import warnings
@@ -449,10 +450,22 @@ def bnb_checkpoint_tensors(packed: dict[str, Tensor], quant: str, shape: tuple[i
     if quant == "int8":
         return {"weight": packed["weight"], "SCB": packed["scb"].float(),
                 "weight_format": torch.tensor(0, dtype=torch.uint8)}  # 0: row-major, the only format left
-    state = _quant_state(packed, quant, shape, blocksize, dtype)
-    out = {"weight": packed["weight"]}
-    out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+    # bitsandbytes' serialized QuantState (its `as_dict(packed=True)`), written here so that an export need not
+    # import it: the tensors, then the rest as JSON bytes under one key, in the order its loader was written for
+    out = {"weight": packed["weight"], "weight.absmax": packed["absmax"], "weight.quant_map": packed["quant_map"]}
+    meta = {"quant_type": quant, "blocksize": blocksize, "dtype": _dtype_name(dtype), "shape": list(shape)}
+    if "nested_absmax" in packed:
+        out["weight.nested_absmax"] = packed["nested_absmax"]
+        out["weight.nested_quant_map"] = packed["nested_quant_map"].clone()  # not shared with other layers' maps
+        meta.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
+                     "nested_offset": float(packed["offset"][0])})
+    out[f"weight.quant_state.bitsandbytes__{quant}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as bitsandbytes names it in a serialized QuantState ("bfloat16", "float32")."""
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- bitsandbytes' own modules, made exact -------------------------------------------------------------

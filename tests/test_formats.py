@@ -181,7 +181,8 @@ def test_code_tables_are_bitsandbytes_bit_for_bit(quant):
 
 
 def test_a_cpu_4bit_job_does_not_import_bitsandbytes():
-    """Quantizing, decoding and the layer's forward in nf4 on a CPU: bitsandbytes stays unimported (2-3 s)."""
+    """Quantizing, decoding, the layer's forward and the export's tensors in nf4 on a CPU: bitsandbytes stays
+    unimported (2-3 s)."""
     import subprocess
     import sys
     code = """
@@ -193,7 +194,30 @@ q = QuantConfig(quant="nf4", compute_dtype=torch.float32)
 layer = QuantLinear.from_dense(torch.randn(64, 128), q)
 layer(torch.randn(2, 128))
 formats.dequantize(formats.quantize(torch.randn(64, 128), q), "nf4", (64, 128), 64, torch.float32)
+formats.bnb_checkpoint_tensors(formats.quantize(torch.randn(64, 128), q), "nf4", (64, 128), 64, torch.bfloat16)
 print("bitsandbytes" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_checkpoint_tensors_are_bitsandbytes_serialization(quant, double_quant, dtype):
+    """The stored QuantState (written here without bitsandbytes) against bitsandbytes' own
+    QuantState.as_dict(packed=True): same keys in the same order, same bytes."""
+    shape, bs = (48, 320), 64
+    packed = formats.quantize(torch.randn(shape) * 0.02, QuantConfig(quant=quant, blocksize=bs, double_quant=double_quant))
+    got = formats.bnb_checkpoint_tensors(packed, quant, shape, bs, dtype)
+    state2 = None
+    if double_quant:
+        state2 = bnbF.QuantState(absmax=packed["nested_absmax"], code=packed["nested_quant_map"],
+                                 blocksize=formats.NESTED_BLOCKSIZE, dtype=torch.float32)
+    state = bnbF.QuantState(absmax=packed["absmax"], shape=torch.Size(shape), code=packed["quant_map"], blocksize=bs,
+                            quant_type=quant, dtype=dtype, offset=packed["offset"][0] if double_quant else None,
+                            state2=state2)
+    want = {"weight": packed["weight"], **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
