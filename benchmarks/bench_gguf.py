@@ -16,8 +16,8 @@ train: the quickstart (`python -m qlora_kit train`, default flags) plain and wit
 run under --work is reused); the median step time over the merge-aware steps (from the third) from
 metrics.jsonl, the peak RSS (wait4), the held-out perplexity after training as the training forward
 computes it. Then every adapter is merged to nf4 (bitsandbytes folder) and to q4_0 (GGUF): the
-merge-aware adapters with the round to nearest they trained against (what `merge` picks), the plain one with
-GPTQ (the default); the table gives each export's kept gain against the plain adapter unmerged and its own.
+merge-aware adapters with the rounding they trained against (what `merge` picks: the fixed dither for nf4 unless
+trained with --merge-aware-rounding nearest, round to nearest otherwise), the plain one with GPTQ (the default); the table gives each export's kept gain against the plain adapter unmerged and its own.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def export(args: argparse.Namespace, work: Path) -> list[dict]:
 
 VARIANTS = {
     "plain": [],
-    "merge-aware nf4": ["--merge-aware", "nf4"],
+    "merge-aware nf4": ["--merge-aware", "nf4"],  # the fixed dither on the base's grid (the default for nf4)
+    "merge-aware nf4 nearest": ["--merge-aware", "nf4", "--merge-aware-rounding", "nearest"],
     "merge-aware q4_0": ["--merge-aware", "q4_0"],
     "merge-aware nf4 after 30": ["--merge-aware", "nf4", "--merge-aware-after", "30"],
     "merge-aware q4_0 after 30": ["--merge-aware", "q4_0", "--merge-aware-after", "30"],

@@ -28,6 +28,7 @@ PREFIX = "base_model.model."
 FINGERPRINT = "base_model_fingerprint"
 BASE_QUANT = "base_model_quantization"
 MERGE_AWARE = "merge_aware_format"  # trained against this export format's rounding (see patch.set_merge_aware)
+MERGE_AWARE_ROUNDING = "merge_aware_rounding"  # and how it rounds ("dither"; absent: round to nearest)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 CONFIG_TYPES = {"lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
                 "alpha_pattern": (dict,), "rank_pattern": (dict,), "r": (int,)}
@@ -111,6 +112,7 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path:
                                            "compute_dtype": str(quant.compute_dtype).removeprefix("torch.")})
     if getattr(model, "qlora_merge_aware", None):
         metadata[MERGE_AWARE] = model.qlora_merge_aware
+        metadata[MERGE_AWARE_ROUNDING] = getattr(model, "qlora_merge_aware_rounding", None) or "nearest"
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -152,6 +154,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
                 config[BASE_QUANT] = json.loads(meta[BASE_QUANT])
             if meta.get(MERGE_AWARE):
                 config[MERGE_AWARE] = meta[MERGE_AWARE]
+                config[MERGE_AWARE_ROUNDING] = meta.get(MERGE_AWARE_ROUNDING, "nearest")  # older adapters: nearest
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:
@@ -201,7 +204,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     config, pairs = read_adapter(path)
     apply_adapter(model, path, config, pairs, check_base, dtype)
     if config.get(MERGE_AWARE):  # the model it was trained as: its export's rounding in the forward
-        set_merge_aware(model, config[MERGE_AWARE])
+        set_merge_aware(model, config[MERGE_AWARE], config.get(MERGE_AWARE_ROUNDING, "nearest"))
     return model
 
 

@@ -205,6 +205,10 @@ class TrainConfig:
                                          "is the model that was trained")
     merge_aware_after: int = _opt(0, "with --merge-aware: plain LoRA for this many steps first, then merge-aware "
                                      "(torchtune's fake_quant_after_n_steps)")
+    merge_aware_rounding: str | None = _opt(None, "with --merge-aware: how the forward (and the export) rounds: "
+                                                  "'dither' (stochastic rounding with a fixed dither on the base's "
+                                                  "grid; the default for nf4 / fp4) or 'nearest' (the default for "
+                                                  "the others)", choices=["nearest", "dither"])
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
                                       "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
@@ -245,6 +249,10 @@ class TrainConfig:
         choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.merge_aware is not None:
             choice(self.merge_aware, [f for f in EXPORT_FORMATS if f not in DTYPE_NAMES], "merge-aware format")
+            if self.merge_aware_rounding == "dither" and self.merge_aware not in ("nf4", "fp4"):
+                raise ValueError(f"merge-aware rounding 'dither' is for nf4 / fp4, not {self.merge_aware}")
+        if self.merge_aware_rounding is not None:
+            choice(self.merge_aware_rounding, ["nearest", "dither"], "merge-aware rounding")
         if not isinstance(self.merge_aware_after, int) or not 0 <= self.merge_aware_after < self.steps:
             raise ValueError(f"merge-aware-after {self.merge_aware_after!r} must be an integer from 0 to steps - 1")
         if self.compute_dtype != "auto":

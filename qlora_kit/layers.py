@@ -130,6 +130,7 @@ class QuantLinear(nn.Module):
         self.r, self.lora_alpha, self.scaling, self.rslora = 0, 0.0, 0.0, False
         self.lora_enabled = True
         self.merge_aware: QuantConfig | None = None  # the export format the forward rounds W + s*BA to
+        self.merge_aware_rounding = "nearest"  # how: "nearest", or "dither" (rounding.dithered_codes; nf4, fp4)
         self.packed_as_parameters = False  # see make_packed_parameters
 
     @classmethod
@@ -224,9 +225,10 @@ class QuantLinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def export_rounding(self):
-        """Round to nearest of W + s*BA in the merge-aware export format (fp32 arithmetic, as the merge rounds it),
-        in compact form: GGUF (d, m, codes) or bitsandbytes' packed tensors."""
-        from . import gguf_types
+        """W + s*BA rounded as the merge-aware export will round it (fp32 arithmetic, as the merge does), in compact
+        form: GGUF (d, m, codes) or bitsandbytes' packed tensors. Round to nearest, or for nf4 / fp4 the fixed
+        dither on the base's own grid (rounding.dithered_export)."""
+        from . import gguf_types, rounding
 
         with torch.no_grad():
             w = self.dequantize(torch.float32) + self.delta_weight().float()
@@ -234,6 +236,8 @@ class QuantLinear(nn.Module):
             if q.quant in gguf_types.TYPES:
                 d, m, codes = gguf_types.nearest(w, q.quant)
                 return d, m, codes.to(torch.int8)  # every type's codes fit in a byte
+            if self.merge_aware_rounding == "dither":
+                return rounding.dithered_export(w, self.packed() if self.quant == q.quant else None, q)
             return formats.quantize(w, q)
 
     def decode_export(self, rounded, dtype: torch.dtype) -> Tensor:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from . import allocator, blocks, defaults, export, formats, merge_report
-from .adapters import BASE_QUANT, MERGE_AWARE, apply_adapter, read_adapter
+from .adapters import BASE_QUANT, MERGE_AWARE, MERGE_AWARE_ROUNDING, apply_adapter, read_adapter
 from .config import GGUF_QUANTS, MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
 from .experts import expert_stacks
@@ -95,8 +95,10 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     method = cfg.resolved_method()
     aware = adapter_cfg.get(MERGE_AWARE)
     if aware == cfg.format and cfg.method == "auto" and cfg.onto == "quantized":
-        method = "rtn"  # trained against this format's round to nearest: that rounding is the model it learned
-        log(f"the adapter was trained merge-aware for {aware}: exporting with its round to nearest")
+        # trained against this format's rounding: that rounding is the model it learned
+        method = "dither" if adapter_cfg.get(MERGE_AWARE_ROUNDING) == "dither" else "rtn"
+        log(f"the adapter was trained merge-aware for {aware}: exporting with its rounding "
+            f"({'the fixed dither' if method == 'dither' else 'round to nearest'})")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
                              len(eval_set), rows_per_forward(cfg.seq_len))
     log(merge_report.format_plan(plan, cfg))

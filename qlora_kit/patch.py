@@ -226,12 +226,19 @@ def enable_checkpointing(model: nn.Module, **kwargs) -> None:
     model.config.use_cache = False
 
 
-def set_merge_aware(model: nn.Module, fmt: str | None) -> None:
-    """Merge-aware training: every LoRA layer's forward computes with round-to-nearest of W + s*BA in the export
-    format `fmt` (nf4 / fp4 / int8, or a GGUF type q8_0 / q4_0 / q4_1 / q5_0 / q5_1), the weight the merged export
-    will store; A and B learn through a straight-through estimator. None turns it off.
+def set_merge_aware(model: nn.Module, fmt: str | None, rounding: str | None = None) -> None:
+    """Merge-aware training: every LoRA layer's forward computes with W + s*BA rounded into the export format `fmt`
+    (nf4 / fp4 / int8, or a GGUF type q8_0 / q4_0 / q4_1 / q5_0 / q5_1), the weight the merged export will store;
+    A and B learn through a straight-through estimator. None turns it off.
 
-    Raises: ValueError for an unknown format, expert stacks with LoRA, or rows that GGUF blocks do not split.
+    `rounding`: "dither" (the default for nf4 / fp4: stochastic rounding with a fixed dither on the base's own
+    grid, rounding.dithered_codes) or "nearest" (the default otherwise, and what adapters saved without the
+    setting were trained with). The base of a 4-bit model already sits on its grid, so round to nearest moves a
+    code only where the update reaches half a step, and a LoRA update rarely does; the dither moves codes in
+    proportion to the update's size.
+
+    Raises: ValueError for an unknown format or rounding, expert stacks with LoRA, or rows that GGUF blocks do
+    not split.
     """
     import dataclasses
 
@@ -250,9 +257,18 @@ def set_merge_aware(model: nn.Module, fmt: str | None) -> None:
                 raise ValueError(f"{odd}: {layers[odd].in_features} inputs do not split into {fmt}'s blocks of 32")
         base = getattr(model, "qlora_quant_config", None) or QuantConfig()
         q = dataclasses.replace(base, quant=fmt, compute_dtype=torch.float32)  # as the merge rounds it
+        rounding = rounding or ("dither" if fmt in DITHERED_FORMATS else "nearest")
+        if rounding not in ("nearest", "dither") or (rounding == "dither" and fmt not in DITHERED_FORMATS):
+            raise ValueError(f"merge-aware rounding {rounding!r} for {fmt}: 'nearest', or 'dither' for "
+                             f"{' / '.join(DITHERED_FORMATS)}")
     for layer in layers.values():
         layer.merge_aware = q
+        layer.merge_aware_rounding = rounding or "nearest"
     model.qlora_merge_aware = fmt
+    model.qlora_merge_aware_rounding = rounding if fmt is not None else None
+
+
+DITHERED_FORMATS = ("nf4", "fp4")  # where merge-aware training rounds with the fixed dither by default
 
 
 def lora_layers(model: nn.Module) -> dict[str, QuantLinear]:

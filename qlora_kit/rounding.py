@@ -211,6 +211,109 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
     return (codes, energy.cpu()) if energy is not None else codes
 
 
+DITHER_LEVELS = 1024  # the fixed dither's resolution: u = (k + 1/2) / 1024, exact in float16
+_DITHERS: dict[tuple, Tensor] = {}
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """h * c mod 2**32 for h in [0, 2**32), in int64 without overflow (16 bits of h at a time)."""
+    return ((h & 0xFFFF) * c + (((h >> 16) * c) & 0xFFFF) * 65536) & 0xFFFFFFFF
+
+
+def fixed_dither(shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """A fixed u in (0, 1) for every element of an (out, in) weight, float16: from a 32-bit integer hash
+    (murmur3's finalizer) of the row-major index, in exact integer arithmetic, so training and the merge draw the
+    same u for the same weight on any device and CPU. u = (k + 1/2) / DITHER_LEVELS: never 0 or 1, so a value a
+    rounding error off a grid point still rounds to it. Cached by shape and device (2 bytes a weight per shape)."""
+    key = (tuple(shape), str(device))
+    u = _DITHERS.get(key)
+    if u is None:
+        h = _mul32(torch.arange(shape[0] * shape[1], dtype=torch.int64, device=device), 0x9E3779B1)
+        h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
+        h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
+        h = h ^ (h >> 16)
+        k = h >> (32 - int(math.log2(DITHER_LEVELS)))
+        u = ((k * 2 + 1).to(torch.float32) / (2 * DITHER_LEVELS)).to(torch.float16).view(shape)
+        _DITHERS[key] = u
+    return u
+
+
+def dithered_codes(w: Tensor, scales: Tensor, table: Tensor, blocksize: int) -> Tensor:
+    """The (out, in) 4-bit codes (uint8) of W on the grid table x block scale, by stochastic rounding with the
+    fixed dither: of the two grid values around x = w / scale, the upper one when u < (x - lo) / (hi - lo).
+
+    Unbiased over the weights (the expected value is x), and a weight on the grid keeps its code exactly: the
+    base alone is exported unchanged, and an update far smaller than a step still moves codes, a share of them in
+    proportion to its size, where round to nearest moves none. Merge-aware training (nf4, fp4) computes its
+    forward with these codes and the merge stores the same ones. Values beyond the grid's ends are clamped.
+    Speed: about round to nearest's (every lookup an index_select into a small table).
+    """
+    shape = tuple(w.shape)
+    t = _FloorTable.of(table, w.device)
+    x = (w.reshape(-1, blocksize).float() / scales.float().clamp(min=1e-38).view(-1, 1)).reshape(-1)
+    x = x.clamp_(t.lo, t.hi)
+    j = t.floor_index(x)  # the grid value at or below x (never the last)
+    lo, gap = torch.index_select(t.values, 0, j), torch.index_select(t.gaps, 0, j)
+    up = fixed_dither(shape, w.device).view(-1) < x.sub_(lo).div_(gap)
+    return torch.index_select(t.codes, 0, j.add_(up)).view(shape)
+
+
+class _FloorTable:
+    """A 4-bit table's distinct values sorted (fp4's +0 and -0 as one, with the first code), the gaps between
+    them, their codes, and a lookup of the largest value at or below x: as _Lut finds the nearest, x is mapped
+    onto _Lut.BINS equal bins, the count of values below each bin's left edge is looked up, and one comparison
+    with the next value settles the rest, exactly, since no bin holds two of them (else one comparison per
+    value)."""
+
+    _cache: dict[tuple, _FloorTable] = {}
+
+    def __init__(self, table: Tensor, device: torch.device):
+        values, order = table.float().sort()
+        keep = torch.ones_like(values, dtype=torch.bool)
+        keep[1:] = values[1:] != values[:-1]
+        values, order = values[keep], order[keep]
+        self.lo, self.hi = float(values[0]), float(values[-1])
+        self.values = values.to(device)
+        self.gaps = torch.cat([values[1:] - values[:-1], torch.ones(1)]).to(device)  # (the last: never used)
+        self.codes = order.to(torch.uint8).to(device)
+        inner = values[1:-1].double()
+        self.scale = _Lut.BINS / (self.hi - self.lo)
+        at = (inner - self.lo) * self.scale  # the inner values in bin units
+        self.count = self.next = None
+        if len(at) and float(at[0]) >= 2 and float(at[-1]) <= _Lut.BINS - 2 and \
+                (len(at) < 2 or float((at[1:] - at[:-1]).min()) >= 3):
+            edges = torch.arange(_Lut.BINS, dtype=torch.float64) - 0.01  # a margin for the float32 mapping
+            count = torch.searchsorted(at, edges)  # inner values below each bin's left edge
+            self.count = count.int().to(device)
+            self.next = torch.cat([values[1:-1], torch.tensor([math.inf])])[count].to(device)  # the one to compare
+
+    @classmethod
+    def of(cls, table: Tensor, device: torch.device) -> _FloorTable:
+        key = (tuple(table.tolist()), str(device))
+        if key not in cls._cache:
+            cls._cache[key] = cls(table, device)
+        return cls._cache[key]
+
+    def floor_index(self, x: Tensor) -> Tensor:
+        """For x within the range: the index (int32, 0 .. len - 2) of the largest value at or below x."""
+        if self.count is None:
+            j = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+            for v in self.values[1:-1].tolist():
+                j += x >= v
+            return j
+        b = ((x - self.lo) * self.scale).clamp_(0, _Lut.BINS - 1).int()
+        return torch.index_select(self.count, 0, b).add_(x >= torch.index_select(self.next, 0, b))
+
+
+def dithered_export(w: Tensor, base: dict[str, Tensor] | None, q: QuantConfig) -> dict[str, Tensor]:
+    """A 4-bit export of W (out, in) by stochastic rounding with the fixed dither (dithered_codes), on the scales
+    of `base` (the trained layer's packed tensors, in q's format: the base then keeps its codes exactly) or,
+    without one, on fresh scales of W. Merge-aware training's forward and the merge both call this."""
+    like = base if base is not None else formats.quantize(w, q, codes=False)
+    scales = formats.block_scales(like, q.quant, tuple(w.shape), q.blocksize)
+    return formats.pack_4bit_codes(dithered_codes(w, scales, formats.code_table(q.quant), q.blocksize), like)
+
+
 def energy_correction(d: Tensor, hessian: Tensor, damp: float = 0.01) -> Tensor:
     """Per row of D (rows, in), what gptq_codes' energy counts beyond D H D^T: the damping's
     damp * mean(diag H) * |d|^2, and |d_j|^2 for inputs that were always zero (their diagonal set to 1)."""
@@ -296,13 +399,22 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
         merged: layer name -> merged (out, in) fp32 weight.
         base_packed: layer name -> packed tensors whose scales are a candidate grid (the trained layer's own when
             they are in q.quant: a small update then moves only the codes it must), or None.
-        method: 'gptq' or 'rtn'.
+        method: 'gptq', 'rtn', or 'dither' (dithered_export on the base's grid: merge-aware nf4 / fp4).
         without: layer name -> the weight without the update; each is rounded the same way (on its own base
             grid, in the same stacked pass) into Rounded.without: the export's format alone, the floor the
             update is measured against.
     """
-    fresh = {n: formats.quantize(w, q, codes=method == "rtn") for n, w in merged.items()}  # gptq: scales alone
     without = without or {}
+    if method == "dither":  # merge-aware nf4 / fp4: the rounding the training forward used, on the same grid
+        out = {}
+        for n, w in merged.items():
+            packed = dithered_export(w, base_packed.get(n), q)
+            floor = None
+            if n in without:
+                floor = _dequantize(dithered_export(without[n], base_packed.get(n), q), w.shape, q)
+            out[n] = Rounded(packed, _dequantize(packed, w.shape, q), "base" if base_packed.get(n) else "fresh", floor)
+        return out
+    fresh = {n: formats.quantize(w, q, codes=method == "rtn") for n, w in merged.items()}  # gptq: scales alone
     if method == "rtn":  # the floor: the weight without the update rounded to nearest too
         return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh",
                            _dequantize(formats.quantize(without[n], q), merged[n].shape, q) if n in without else None)

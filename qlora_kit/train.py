@@ -146,7 +146,7 @@ class _Run:
         random.seed(cfg.seed)
         add_lora(model, config=cfg.lora_config())
         if cfg.merge_aware and cfg.merge_aware_after == 0:
-            set_merge_aware(model, cfg.merge_aware)
+            set_merge_aware(model, cfg.merge_aware, cfg.merge_aware_rounding)
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         if cfg.fsdp:
@@ -207,7 +207,7 @@ class _Run:
         step = start
         for step in range(start + 1, cfg.steps + 1):
             if cfg.merge_aware and step > cfg.merge_aware_after and not getattr(self.model, "qlora_merge_aware", None):
-                set_merge_aware(self.model, cfg.merge_aware)  # plain LoRA until then (also after a resume)
+                set_merge_aware(self.model, cfg.merge_aware, cfg.merge_aware_rounding)  # plain LoRA until then (also after a resume)
                 if step > 1:
                     self.log(f"step {step}: merge-aware training for {cfg.merge_aware} from here on")
             row = self._step(step)

@@ -466,9 +466,87 @@ def test_merge_aware_forward_is_the_rounded_merge_with_lora_gradients(fmt):
     assert torch.allclose(x.grad, up @ ref, atol=1e-5)
 
 
-def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file, tmp_path):
-    """Trained against Q4_0's rounding (after 10 plain steps), the adapter's GGUF export (round to nearest, chosen automatically) stores
-    exactly the weights the training forward computed with, and keeps its gain."""
+def _fmix32_dither(index: int) -> float:
+    """The fixed dither of one flat index, in plain Python integers (an independent statement of its definition:
+    murmur3's 32-bit finalizer of index * 0x9E3779B1, the top 10 bits as level k, u = (k + 1/2) / 1024)."""
+    m = 0xFFFFFFFF
+    h = (index * 0x9E3779B1) & m
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & m
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & m
+    h ^= h >> 16
+    return ((h >> 22) + 0.5) / 1024
+
+
+def test_fixed_dither_is_its_integer_definition():
+    from qlora_kit import rounding
+
+    u = rounding.fixed_dither((37, 300)).float()
+    for i in [0, 1, 2, 299, 300, 5000, 37 * 300 - 1]:
+        assert float(u.view(-1)[i]) == _fmix32_dither(i)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert torch.equal(u, rounding.fixed_dither((37, 300)).float())
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_floor_lookup_is_a_count_of_the_values_below(quant):
+    """The dither's table lookup of the grid value at or below x, against counting: at every grid value, one ulp
+    either side, and between."""
+    from qlora_kit import formats, rounding
+
+    t = rounding._FloorTable(formats.code_table(quant), torch.device("cpu"))
+    assert t.count is not None  # the lookup, not the fallback
+    v = t.values
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([v, torch.nextafter(v, v + 1), torch.nextafter(v, v - 1),
+                   torch.rand(200_000, generator=g) * (t.hi - t.lo) + t.lo]).clamp(t.lo, t.hi)
+    want = (x[:, None] >= v[None, 1:-1]).sum(1).int()
+    assert torch.equal(t.floor_index(x), want)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("in_features", [256, 320])  # 320: bitsandbytes' blocks of 64 span rows at 128
+def test_dithered_rounding_keeps_the_base_and_moves_codes_in_proportion(quant, in_features):
+    """Against float64: each code is the grid value below x or above it, the upper one exactly when
+    u < (x - lo) / (hi - lo); a weight on the grid (the 4-bit base itself) keeps its value; an update of a tenth
+    of a step, which round to nearest drops everywhere, comes through on average."""
+    from qlora_kit import formats, rounding
+    from qlora_kit.config import QuantConfig
+
+    g = torch.Generator().manual_seed(1)
+    q = QuantConfig(quant=quant, blocksize=128 if in_features == 320 else 64, compute_dtype=torch.float32)
+    shape = (96, in_features)
+    base = formats.quantize(torch.randn(shape, generator=g) * 0.02, q)
+    w0 = formats.dequantize(base, quant, shape, q.blocksize, torch.float32)
+    decode = lambda p: formats.dequantize(p, quant, shape, q.blocksize, torch.float32)  # noqa: E731
+    assert torch.equal(decode(rounding.dithered_export(w0, base, q)), w0)
+
+    scales = formats.block_scales(base, quant, shape, q.blocksize).double()
+    grid = formats.code_table(quant).double().unique()  # sorted, +0 and -0 as one
+    x0 = (w0.double().reshape(-1, q.blocksize) / scales[:, None]).reshape(-1)
+    k = (x0[:, None] - grid[None, :]).abs().argmin(1).clamp(1, len(grid) - 2)  # x0's grid point (inner ones)
+    step = torch.where(torch.rand(x0.shape, generator=g, dtype=torch.float64) < 0.5, grid[k + 1] - grid[k],
+                       grid[k - 1] - grid[k])  # toward a random neighbour
+    d = (0.1 * step * scales.repeat_interleave(q.blocksize)).view(shape)
+    w = (w0.double() + d).float()
+    got = decode(rounding.dithered_export(w, base, q))
+
+    x = (w.double().reshape(-1, q.blocksize) / scales[:, None]).reshape(-1).clamp(float(grid[0]), float(grid[-1]))
+    lo_i = (torch.searchsorted(grid, x, right=True) - 1).clamp(0, len(grid) - 2)
+    lo, hi = grid[lo_i], grid[lo_i + 1]
+    u = rounding.fixed_dither(shape).double().view(-1)
+    want = (torch.where(u < (x - lo) / (hi - lo), hi, lo).view(-1, q.blocksize) * scales[:, None]).view(shape)
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-7)
+    moved = got.double() - w0.double()
+    assert 0.8 < float((moved * d).sum() / (d * d).sum()) < 1.2  # the update, in expectation
+    nearest = grid[(x[:, None] - grid[None, :]).abs().argmin(1)]
+    assert torch.allclose(nearest, x0, rtol=0, atol=1e-6)  # round to nearest on the same grid: every code snaps back
+
+
+@pytest.mark.parametrize("fmt,rounding_", [("q4_0", None), ("nf4", None), ("nf4", "nearest")])
+def test_merge_aware_training_exports_the_model_it_trained(fmt, rounding_, run_model, text_file, tmp_path):
+    """Trained against the export's rounding (after 10 plain steps), the adapter's export (that rounding, chosen
+    automatically: round to nearest for q4_0, the fixed dither for nf4 unless asked otherwise) stores exactly the
+    weights the training forward computed with, and keeps its gain."""
     from safetensors import safe_open
 
     from qlora_kit.config import TrainConfig
@@ -478,23 +556,34 @@ def test_merge_aware_training_exports_the_model_it_trained(run_model, text_file,
     logs = []
     train(TrainConfig(model=str(run_model), data=str(text_file), out=str(run), steps=20, seq_len=32, lr=1e-2, rank=8,
                       alpha=16, warmup_steps=2, sample_tokens=0, eval_sequences=8, eval_fraction=0.1, device="cpu",
-                      save_every=0, merge_aware="q4_0", merge_aware_after=10), log=logs.append, progress=False)
-    assert "step 11: merge-aware training for q4_0 from here on" in logs  # plain LoRA for the first 10
+                      save_every=0, merge_aware=fmt, merge_aware_after=10, merge_aware_rounding=rounding_),
+          log=logs.append, progress=False)
+    assert f"step 11: merge-aware training for {fmt} from here on" in logs  # plain LoRA for the first 10
+    want_rounding = rounding_ or ("dither" if fmt == "nf4" else "nearest")
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        assert f.metadata()["merge_aware_format"] == "q4_0"
-    out = tmp_path / "m.gguf"
-    report = merge(MergeConfig(model=str(run_model), adapter=str(run / "adapter"), out=str(out), format="q4_0",
+        assert f.metadata()["merge_aware_format"] == fmt
+        assert f.metadata()["merge_aware_rounding"] == want_rounding
+    out = tmp_path / ("m.gguf" if fmt == "q4_0" else "m")
+    report = merge(MergeConfig(model=str(run_model), adapter=str(run / "adapter"), out=str(out), format=fmt,
                                eval_data=str(text_file), seq_len=32, eval_sequences=8, calib_tokens=256), log=quiet)
-    assert report["method"] == "rtn" and report["merge_aware"] == "q4_0"
+    assert report["method"] == ("dither" if want_rounding == "dither" else "rtn") and report["merge_aware"] == fmt
     m = report["model_metrics"]
     assert m["ppl_merged"] < m["ppl_base"] and m["kept_gain"] > 0.97
     model = qk.load_quantized(run_model, compute_dtype=torch.float32)
     qk.load_adapter(model, run / "adapter")
     layer = model.get_submodule("model.layers.0.self_attn.v_proj")
-    assert layer.merge_aware is not None and layer.merge_aware.quant == "q4_0"  # load_adapter restores the mode
-    want = gguf_types.quantize(layer.dequantize(torch.float32) + layer.delta_weight().detach().float(), "q4_0")
-    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}["blk.0.attn_v.weight"]
-    assert np.array_equal(stored.reshape(-1), want["blocks"].numpy().reshape(-1))
+    assert layer.merge_aware is not None and layer.merge_aware.quant == fmt  # load_adapter restores the mode
+    assert layer.merge_aware_rounding == want_rounding
+    if fmt == "q4_0":
+        want = gguf_types.quantize(layer.dequantize(torch.float32) + layer.delta_weight().detach().float(), "q4_0")
+        stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}["blk.0.attn_v.weight"]
+        assert np.array_equal(stored.reshape(-1), want["blocks"].numpy().reshape(-1))
+    else:
+        want = layer.export_rounding()
+        with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+            stored = f.get_tensor("model.layers.0.self_attn.v_proj.weight")
+            assert torch.equal(f.get_tensor("model.layers.0.self_attn.v_proj.weight.absmax"), want["absmax"])
+        assert torch.equal(stored.view(-1), want["weight"].view(-1))
 
 
 def test_merge_aware_settings_are_checked():
@@ -504,6 +593,10 @@ def test_merge_aware_settings_are_checked():
         TrainConfig(merge_aware="bf16")
     with pytest.raises(ValueError, match="merge-aware-after"):
         TrainConfig(merge_aware="q4_0", steps=10, merge_aware_after=10)
+    with pytest.raises(ValueError, match="'dither' is for nf4 / fp4, not q4_0"):
+        TrainConfig(merge_aware="q4_0", merge_aware_rounding="dither")
+    with pytest.raises(ValueError, match="merge-aware rounding"):
+        TrainConfig(merge_aware="nf4", merge_aware_rounding="stochastic")
 
 
 def test_token_list_has_one_entry_per_embedding_row(text_file, tmp_path):
