@@ -155,6 +155,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
             if meta.get(MERGE_AWARE):
                 config[MERGE_AWARE] = meta[MERGE_AWARE]
                 config[MERGE_AWARE_ROUNDING] = meta.get(MERGE_AWARE_ROUNDING, "nearest")  # older adapters: nearest
+                if config[MERGE_AWARE_ROUNDING] not in ("nearest", "dither"):
+                    raise ValueError(f"{path}: unknown {MERGE_AWARE_ROUNDING} {config[MERGE_AWARE_ROUNDING]!r} "
+                                     "(nearest, dither)")
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:

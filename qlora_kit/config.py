@@ -247,12 +247,16 @@ class TrainConfig:
             raise ValueError(f"eval-fraction {self.eval_fraction} must be in [0, 1)")
         choice(self.quant, QUANT_FORMATS, "quantization format")
         choice(self.optimizer, OPTIMIZERS, "optimizer")
+        if self.merge_aware_rounding is not None:
+            choice(self.merge_aware_rounding, ["nearest", "dither"], "merge-aware rounding")
+            if self.merge_aware is None:
+                raise ValueError(f"merge-aware-rounding {self.merge_aware_rounding!r} needs --merge-aware FORMAT")
         if self.merge_aware is not None:
             choice(self.merge_aware, [f for f in EXPORT_FORMATS if f not in DTYPE_NAMES], "merge-aware format")
             if self.merge_aware_rounding == "dither" and self.merge_aware not in ("nf4", "fp4"):
                 raise ValueError(f"merge-aware rounding 'dither' is for nf4 / fp4, not {self.merge_aware}")
-        if self.merge_aware_rounding is not None:
-            choice(self.merge_aware_rounding, ["nearest", "dither"], "merge-aware rounding")
+            if self.merge_aware_rounding is None:  # resolved here, so that run.json records what the run used
+                self.merge_aware_rounding = "dither" if self.merge_aware in ("nf4", "fp4") else "nearest"
         if not isinstance(self.merge_aware_after, int) or not 0 <= self.merge_aware_after < self.steps:
             raise ValueError(f"merge-aware-after {self.merge_aware_after!r} must be an integer from 0 to steps - 1")
         if self.compute_dtype != "auto":

@@ -261,11 +261,12 @@ def set_merge_aware(model: nn.Module, fmt: str | None, rounding: str | None = No
         if rounding not in ("nearest", "dither") or (rounding == "dither" and fmt not in DITHERED_FORMATS):
             raise ValueError(f"merge-aware rounding {rounding!r} for {fmt}: 'nearest', or 'dither' for "
                              f"{' / '.join(DITHERED_FORMATS)}")
+    rounding = rounding if fmt is not None else None
     for layer in layers.values():
         layer.merge_aware = q
         layer.merge_aware_rounding = rounding or "nearest"
     model.qlora_merge_aware = fmt
-    model.qlora_merge_aware_rounding = rounding if fmt is not None else None
+    model.qlora_merge_aware_rounding = rounding
 
 
 DITHERED_FORMATS = ("nf4", "fp4")  # where merge-aware training rounds with the fixed dither by default

@@ -212,6 +212,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
 
 
 DITHER_LEVELS = 1024  # the fixed dither's resolution: u = (k + 1/2) / 1024, exact in float16
+DITHER_CHUNK = 1 << 22  # values hashed at a time
 _DITHERS: dict[tuple, Tensor] = {}
 
 
@@ -228,12 +229,15 @@ def fixed_dither(shape: tuple[int, int], device: torch.device | str = "cpu") -> 
     key = (tuple(shape), str(device))
     u = _DITHERS.get(key)
     if u is None:
-        h = _mul32(torch.arange(shape[0] * shape[1], dtype=torch.int64, device=device), 0x9E3779B1)
-        h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
-        h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
-        h = h ^ (h >> 16)
-        k = h >> (32 - int(math.log2(DITHER_LEVELS)))
-        u = ((k * 2 + 1).to(torch.float32) / (2 * DITHER_LEVELS)).to(torch.float16).view(shape)
+        n = shape[0] * shape[1]
+        u = torch.empty(n, dtype=torch.float16, device=device)
+        for lo in range(0, n, DITHER_CHUNK):  # int64 temporaries of at most DITHER_CHUNK values
+            h = _mul32(torch.arange(lo, min(lo + DITHER_CHUNK, n), dtype=torch.int64, device=device), 0x9E3779B1)
+            h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
+            h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
+            k = (h ^ (h >> 16)) >> (32 - int(math.log2(DITHER_LEVELS)))
+            u[lo:lo + len(k)] = (k * 2 + 1).to(torch.float32) / (2 * DITHER_LEVELS)
+        u = u.view(shape)
         _DITHERS[key] = u
     return u
 
@@ -242,7 +246,8 @@ def dithered_codes(w: Tensor, scales: Tensor, table: Tensor, blocksize: int) -> 
     """The (out, in) 4-bit codes (uint8) of W on the grid table x block scale, by stochastic rounding with the
     fixed dither: of the two grid values around x = w / scale, the upper one when u < (x - lo) / (hi - lo).
 
-    Unbiased over the weights (the expected value is x), and a weight on the grid keeps its code exactly: the
+    Unbiased over the weights (the expected value is x), and a weight on the grid keeps its value exactly (its
+    code too, but for fp4's two codes of zero, which become the lower one): the
     base alone is exported unchanged, and an update far smaller than a step still moves codes, a share of them in
     proportion to its size, where round to nearest moves none. Merge-aware training (nf4, fp4) computes its
     forward with these codes and the merge stores the same ones. Values beyond the grid's ends are clamped.
@@ -250,8 +255,10 @@ def dithered_codes(w: Tensor, scales: Tensor, table: Tensor, blocksize: int) -> 
     """
     shape = tuple(w.shape)
     t = _FloorTable.of(table, w.device)
-    x = (w.reshape(-1, blocksize).float() / scales.float().clamp(min=1e-38).view(-1, 1)).reshape(-1)
-    x = x.clamp_(t.lo, t.hi)
+    scales = scales.float()
+    scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)  # as Grid: sign kept
+    x = (w.reshape(-1, blocksize).float() / scales.view(-1, 1)).reshape(-1)
+    x = x.nan_to_num_(0.0).clamp_(t.lo, t.hi)  # (a NaN weight would index outside the tables)
     j = t.floor_index(x)  # the grid value at or below x (never the last)
     lo, gap = torch.index_select(t.values, 0, j), torch.index_select(t.gaps, 0, j)
     up = fixed_dither(shape, w.device).view(-1) < x.sub_(lo).div_(gap)
@@ -259,7 +266,7 @@ def dithered_codes(w: Tensor, scales: Tensor, table: Tensor, blocksize: int) -> 
 
 
 class _FloorTable:
-    """A 4-bit table's distinct values sorted (fp4's +0 and -0 as one, with the first code), the gaps between
+    """A 4-bit table's distinct values sorted (fp4's two zeros as one, with the lower code), the gaps between
     them, their codes, and a lookup of the largest value at or below x: as _Lut finds the nearest, x is mapped
     onto _Lut.BINS equal bins, the count of values below each bin's left edge is looked up, and one comparison
     with the next value settles the rest, exactly, since no bin holds two of them (else one comparison per
@@ -268,7 +275,7 @@ class _FloorTable:
     _cache: dict[tuple, _FloorTable] = {}
 
     def __init__(self, table: Tensor, device: torch.device):
-        values, order = table.float().sort()
+        values, order = table.float().sort(stable=True)  # equal values: the lowest code, on every device
         keep = torch.ones_like(values, dtype=torch.bool)
         keep[1:] = values[1:] != values[:-1]
         values, order = values[keep], order[keep]
@@ -307,8 +314,11 @@ class _FloorTable:
 
 def dithered_export(w: Tensor, base: dict[str, Tensor] | None, q: QuantConfig) -> dict[str, Tensor]:
     """A 4-bit export of W (out, in) by stochastic rounding with the fixed dither (dithered_codes), on the scales
-    of `base` (the trained layer's packed tensors, in q's format: the base then keeps its codes exactly) or,
-    without one, on fresh scales of W. Merge-aware training's forward and the merge both call this."""
+    of `base` (the trained layer's packed tensors, in q's format: the base then keeps its values exactly) or,
+    without one, on fresh scales of W. Merge-aware training's forward and the merge both call this: they store
+    the same codes where they compute the same W bit for bit (a merge on another device than the training's
+    computes B·A by another matmul, and a weight within a rounding error of its decision may fall the other way,
+    as with round to nearest)."""
     like = base if base is not None else formats.quantize(w, q, codes=False)
     scales = formats.block_scales(like, q.quant, tuple(w.shape), q.blocksize)
     return formats.pack_4bit_codes(dithered_codes(w, scales, formats.code_table(q.quant), q.blocksize), like)

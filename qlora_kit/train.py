@@ -305,6 +305,8 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     if not saved.is_file():
         return
     before = json.loads(saved.read_text())
+    if before.get("merge_aware") and "merge_aware_rounding" not in before:
+        before["merge_aware_rounding"] = "nearest"  # a run started before the setting existed rounded to nearest
     now = dataclasses.asdict(cfg)
     changed = [k for k in now if k not in RESUME_FREE and before.get(k) != now[k]]
     if changed:

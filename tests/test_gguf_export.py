@@ -477,13 +477,15 @@ def _fmix32_dither(index: int) -> float:
     return ((h >> 22) + 0.5) / 1024
 
 
-def test_fixed_dither_is_its_integer_definition():
+def test_fixed_dither_is_its_integer_definition(monkeypatch):
     from qlora_kit import rounding
 
     u = rounding.fixed_dither((37, 300)).float()
     for i in [0, 1, 2, 299, 300, 5000, 37 * 300 - 1]:
         assert float(u.view(-1)[i]) == _fmix32_dither(i)
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    rounding._DITHERS.clear()
+    monkeypatch.setattr(rounding, "DITHER_CHUNK", 1000)  # hashed a chunk at a time: the same values
     assert torch.equal(u, rounding.fixed_dither((37, 300)).float())
 
 
@@ -597,6 +599,41 @@ def test_merge_aware_settings_are_checked():
         TrainConfig(merge_aware="q4_0", merge_aware_rounding="dither")
     with pytest.raises(ValueError, match="merge-aware rounding"):
         TrainConfig(merge_aware="nf4", merge_aware_rounding="stochastic")
+    with pytest.raises(ValueError, match="needs --merge-aware"):
+        TrainConfig(merge_aware_rounding="dither")
+    assert TrainConfig(merge_aware="nf4").merge_aware_rounding == "dither"  # resolved: run.json records it
+    assert TrainConfig(merge_aware="q4_0").merge_aware_rounding == "nearest"
+    assert TrainConfig().merge_aware_rounding is None
+
+
+def test_merge_aware_adapter_saved_before_the_rounding_setting_rounds_to_nearest(run_model, text_file, tmp_path):
+    """An adapter without `merge_aware_rounding` in its metadata (saved before the setting existed) was trained
+    with round to nearest: it loads and merges that way; an unknown value is refused with the file named."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kit.config import TrainConfig
+    from qlora_kit.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(run_model), data=str(text_file), out=str(run), steps=2, seq_len=32, rank=4,
+                      sample_tokens=0, eval_sequences=0, device="cpu", save_every=0, merge_aware="nf4",
+                      merge_aware_rounding="nearest"), log=quiet, progress=False)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    save_file(tensors, str(weights), metadata={k: v for k, v in meta.items() if k != "merge_aware_rounding"})
+    model = qk.load_quantized(run_model, compute_dtype=torch.float32)
+    qk.load_adapter(model, run / "adapter")
+    assert model.get_submodule("model.layers.0.self_attn.v_proj").merge_aware_rounding == "nearest"
+    report = merge(MergeConfig(model=str(run_model), adapter=str(run / "adapter"), out=str(tmp_path / "m"),
+                               format="nf4", eval=False, eval_data=str(text_file), calib_tokens=64, seq_len=32),
+                   log=quiet)
+    assert report["method"] == "rtn"
+    save_file(tensors, str(weights), metadata={**meta, "merge_aware_rounding": "sometimes"})
+    with pytest.raises(ValueError, match="adapter.*unknown merge_aware_rounding 'sometimes'"):
+        qk.load_adapter(qk.load_quantized(run_model, compute_dtype=torch.float32), run / "adapter")
 
 
 def test_token_list_has_one_entry_per_embedding_row(text_file, tmp_path):
