@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import QuantConfig, one_line, pattern_lookup
+from .config import MERGE_AWARE_ROUNDINGS, QuantConfig, one_line, pattern_lookup
 from .experts import ExpertStack, expert_stacks, peft_key, peft_target
 from .io import atomic_dir
 from .layers import QuantLinear
@@ -155,9 +155,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
             if meta.get(MERGE_AWARE):
                 config[MERGE_AWARE] = meta[MERGE_AWARE]
                 config[MERGE_AWARE_ROUNDING] = meta.get(MERGE_AWARE_ROUNDING, "nearest")  # older adapters: nearest
-                if config[MERGE_AWARE_ROUNDING] not in ("nearest", "dither"):
+                if config[MERGE_AWARE_ROUNDING] not in MERGE_AWARE_ROUNDINGS:
                     raise ValueError(f"{path}: unknown {MERGE_AWARE_ROUNDING} {config[MERGE_AWARE_ROUNDING]!r} "
-                                     "(nearest, dither)")
+                                     f"({', '.join(MERGE_AWARE_ROUNDINGS)})")
             for key in f.keys():
                 module, part = _split_key(key)
                 if part is None:

@@ -26,6 +26,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 GGUF_QUANTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # GGUF block types a merge writes (an --out ending .gguf)
 EXPORT_FORMATS = (*DTYPE_NAMES, *FOUR_BIT, "int8", *GGUF_QUANTS)
+MERGE_AWARE_ROUNDINGS = ("nearest", "dither")  # how merge-aware training rounds (see patch.set_merge_aware)
 MERGE_METHODS = ("auto", "gptq", "rtn")
 COMPUTE_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -166,6 +167,17 @@ def pattern_lookup(patterns: dict, name: str, default):
     return default
 
 
+def merge_aware_rounding(fmt: str, rounding: str | None) -> str:
+    """The rounding merge-aware training uses for export format `fmt`: `rounding` checked, or by default the fixed
+    dither for the 4-bit formats (whose base sits on the grid) and round to nearest for the others."""
+    if rounding is None:
+        return "dither" if fmt in FOUR_BIT else "nearest"
+    choice(rounding, MERGE_AWARE_ROUNDINGS, "merge-aware rounding")
+    if rounding == "dither" and fmt not in FOUR_BIT:
+        raise ValueError(f"merge-aware rounding 'dither' is for {' / '.join(FOUR_BIT)}, not {fmt}")
+    return rounding
+
+
 def _opt(default, help: str, **kw):
     """A dataclass field whose help text the CLI shows."""
     return field(default=default, metadata={"help": help, **kw})
@@ -208,7 +220,7 @@ class TrainConfig:
     merge_aware_rounding: str | None = _opt(None, "with --merge-aware: how the forward (and the export) rounds: "
                                                   "'dither' (stochastic rounding with a fixed dither on the base's "
                                                   "grid; the default for nf4 / fp4) or 'nearest' (the default for "
-                                                  "the others)", choices=["nearest", "dither"])
+                                                  "the others)", choices=list(MERGE_AWARE_ROUNDINGS))
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (non-reentrant)")
     release_memory: bool = _opt(True, "on the CPU, hand memory freed during a step back to the system at every "
                                       "decoder layer (glibc malloc_trim): the process's peak RSS stays near what "
@@ -248,15 +260,13 @@ class TrainConfig:
         choice(self.quant, QUANT_FORMATS, "quantization format")
         choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.merge_aware_rounding is not None:
-            choice(self.merge_aware_rounding, ["nearest", "dither"], "merge-aware rounding")
+            choice(self.merge_aware_rounding, MERGE_AWARE_ROUNDINGS, "merge-aware rounding")
             if self.merge_aware is None:
                 raise ValueError(f"merge-aware-rounding {self.merge_aware_rounding!r} needs --merge-aware FORMAT")
         if self.merge_aware is not None:
             choice(self.merge_aware, [f for f in EXPORT_FORMATS if f not in DTYPE_NAMES], "merge-aware format")
-            if self.merge_aware_rounding == "dither" and self.merge_aware not in ("nf4", "fp4"):
-                raise ValueError(f"merge-aware rounding 'dither' is for nf4 / fp4, not {self.merge_aware}")
-            if self.merge_aware_rounding is None:  # resolved here, so that run.json records what the run used
-                self.merge_aware_rounding = "dither" if self.merge_aware in ("nf4", "fp4") else "nearest"
+            # resolved here, so that run.json records what the run used
+            self.merge_aware_rounding = merge_aware_rounding(self.merge_aware, self.merge_aware_rounding)
         if not isinstance(self.merge_aware_after, int) or not 0 <= self.merge_aware_after < self.steps:
             raise ValueError(f"merge-aware-after {self.merge_aware_after!r} must be an integer from 0 to steps - 1")
         if self.compute_dtype != "auto":

@@ -242,7 +242,7 @@ def set_merge_aware(model: nn.Module, fmt: str | None, rounding: str | None = No
     """
     import dataclasses
 
-    from .config import EXPORT_FORMATS, GGUF_QUANTS, choice
+    from .config import EXPORT_FORMATS, GGUF_QUANTS, choice, merge_aware_rounding
 
     layers = lora_layers(model)
     q = None
@@ -257,19 +257,14 @@ def set_merge_aware(model: nn.Module, fmt: str | None, rounding: str | None = No
                 raise ValueError(f"{odd}: {layers[odd].in_features} inputs do not split into {fmt}'s blocks of 32")
         base = getattr(model, "qlora_quant_config", None) or QuantConfig()
         q = dataclasses.replace(base, quant=fmt, compute_dtype=torch.float32)  # as the merge rounds it
-        rounding = rounding or ("dither" if fmt in DITHERED_FORMATS else "nearest")
-        if rounding not in ("nearest", "dither") or (rounding == "dither" and fmt not in DITHERED_FORMATS):
-            raise ValueError(f"merge-aware rounding {rounding!r} for {fmt}: 'nearest', or 'dither' for "
-                             f"{' / '.join(DITHERED_FORMATS)}")
-    rounding = rounding if fmt is not None else None
+        rounding = merge_aware_rounding(fmt, rounding)
+    else:
+        rounding = None
     for layer in layers.values():
         layer.merge_aware = q
         layer.merge_aware_rounding = rounding or "nearest"
     model.qlora_merge_aware = fmt
     model.qlora_merge_aware_rounding = rounding
-
-
-DITHERED_FORMATS = ("nf4", "fp4")  # where merge-aware training rounds with the fixed dither by default
 
 
 def lora_layers(model: nn.Module) -> dict[str, QuantLinear]:

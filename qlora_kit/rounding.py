@@ -84,6 +84,17 @@ class Grid:
                 None if self.offsets is None else self.offsets.t().contiguous())
 
 
+def _below_bin_edges(points: Tensor) -> Tensor | None:
+    """For ascending points in units of _Lut's bins (float64): how many lie below each bin's left edge (less a
+    margin for the float32 mapping of x), or None when two points are under 3 bins apart or one is within 2 bins
+    of the range's ends (then one comparison per bin would not settle it)."""
+    gaps = points[1:] - points[:-1]
+    if len(points) and (float(points[0]) < 2 or float(points[-1]) > _Lut.BINS - 2 or
+                        (len(gaps) and float(gaps.min()) < 3)):
+        return None
+    return torch.searchsorted(points, torch.arange(_Lut.BINS, dtype=torch.float64) - 0.01)
+
+
 class _Lut:
     """The nearest entry of a sorted non-uniform table (nf4, fp4) in a few elementwise steps instead of a binary
     search: x is mapped onto BINS equal bins over the table's range; `first[b]` is the index of the nearest
@@ -102,12 +113,9 @@ class _Lut:
         lo, hi = float(values[0]), float(values[-1])
         scale = cls.BINS / (hi - lo)
         mids_t = (mids.double() - lo) * scale  # midpoints in bin units
-        gaps = mids_t[1:] - mids_t[:-1]
-        if len(mids_t) and (float(mids_t[0]) < 2 or float(mids_t[-1]) > cls.BINS - 2 or
-                            (len(gaps) and float(gaps.min()) < 3)):
+        first = _below_bin_edges(mids_t)  # midpoints below each bin's left edge
+        if first is None:
             return None  # midpoints too close to each other or to the ends: a binary search instead
-        edges = torch.arange(cls.BINS, dtype=torch.float64) - 0.01  # a margin for the float32 mapping
-        first = torch.searchsorted(mids_t, edges)  # midpoints below each bin's left edge
         mids_t = torch.cat([mids_t, torch.tensor([math.inf], dtype=torch.float64)]).float()
         return cls(scale, -lo * scale, first.to(values.device), mids_t.to(values.device))
 
@@ -285,12 +293,9 @@ class _FloorTable:
         self.codes = order.to(torch.uint8).to(device)
         inner = values[1:-1].double()
         self.scale = _Lut.BINS / (self.hi - self.lo)
-        at = (inner - self.lo) * self.scale  # the inner values in bin units
+        count = _below_bin_edges((inner - self.lo) * self.scale)  # inner values below each bin's left edge
         self.count = self.next = None
-        if len(at) and float(at[0]) >= 2 and float(at[-1]) <= _Lut.BINS - 2 and \
-                (len(at) < 2 or float((at[1:] - at[:-1]).min()) >= 3):
-            edges = torch.arange(_Lut.BINS, dtype=torch.float64) - 0.01  # a margin for the float32 mapping
-            count = torch.searchsorted(at, edges)  # inner values below each bin's left edge
+        if count is not None:
             self.count = count.int().to(device)
             self.next = torch.cat([values[1:-1], torch.tensor([math.inf])])[count].to(device)  # the one to compare
 
