@@ -118,7 +118,8 @@ VARIANTS = {
     "plain": [],
     "merge-aware nf4": ["--merge-aware", "nf4"],  # the fixed dither on the base's grid (the default for nf4)
     "merge-aware nf4 nearest": ["--merge-aware", "nf4", "--merge-aware-rounding", "nearest"],
-    "merge-aware q4_0": ["--merge-aware", "q4_0"],
+    "merge-aware q4_0": ["--merge-aware", "q4_0"],  # round to nearest (the default for GGUF types)
+    "merge-aware q4_1": ["--merge-aware", "q4_1"],
     "merge-aware nf4 after 30": ["--merge-aware", "nf4", "--merge-aware-after", "30"],
     "merge-aware q4_0 after 30": ["--merge-aware", "q4_0", "--merge-aware-after", "30"],
 }
@@ -153,10 +154,11 @@ def train(args: argparse.Namespace, work: Path) -> list[dict]:
         row["step_ratio_vs_plain"] = round(row["step_s"] / plain, 3)
         adapter = rs[0]["out"] / "adapter"
         for fmt in (("nf4", "q4_0") if name == "plain" else (VARIANTS[name][1],)):
-            out = work / (f"export-{name.replace(' ', '-')}-{fmt}" + (".gguf" if fmt == "q4_0" else ""))
+            gguf_out = fmt.startswith("q")
+            out = work / (f"export-{name.replace(' ', '-')}-{fmt}" + (".gguf" if gguf_out else ""))
             run([sys.executable, "-m", "qlora_kit", "merge", "--adapter", str(adapter), "--out", str(out),
                  "--format", fmt, "--eval-sequences", str(args.eval_sequences), "--force"])
-            rp = (out.with_name(out.name.removesuffix(".gguf") + ".merge_report.json") if fmt == "q4_0"
+            rp = (out.with_name(out.name.removesuffix(".gguf") + ".merge_report.json") if gguf_out
                   else out / "merge_report.json")
             report = json.loads(rp.read_text())
             m = report["model_metrics"]
@@ -167,7 +169,7 @@ def train(args: argparse.Namespace, work: Path) -> list[dict]:
         rows.append(row)
     base = rows[0]
     for row in rows:  # against the plain adapter unmerged: the model a plain run would serve unmerged
-        for fmt in ("nf4", "q4_0"):
+        for fmt in ("nf4", "q4_0", "q4_1"):
             if f"{fmt}_ppl_export" in row:
                 b, u, e = base["ppl_before"], base["nf4_ppl_unmerged"], row[f"{fmt}_ppl_export"]
                 row[f"{fmt}_kept_vs_plain_unmerged"] = round((b - e) / (b - u), 4)  # the report's `kept`
