@@ -367,7 +367,9 @@ class _Streamed:
                 if n in rounded:  # (dW H from the factors: r x in^2 where the product costs out x in^2)
                     r = rounded[n]
                     row["scales"] = r.scales
-                    row.update(retained(r.value - old, delta, h, delta_h))
+                    # the weight rounded onto is the source itself: GPTQ's own output error gives A H A^T
+                    miss = r.error_energy if self._base_is_floor(layer.quant) else None
+                    row.update(retained(r.value - old, delta, h, delta_h, miss_energy=miss))
                     row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
                     values[n] = r.packed
                 else:

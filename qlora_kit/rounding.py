@@ -380,8 +380,9 @@ def _inverse_factor(hessian: Tensor, damp: float, dtype: torch.dtype) -> Tensor 
 
 def _invert_lower_(low: Tensor, leaf: int = 512) -> Tensor:
     """A lower-triangular matrix inverted in place, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1,
-    D^-1]]. A third of the arithmetic of a triangular solve against the identity (which does not know its
-    right-hand side is triangular), in matmuls, and a quarter of the matrix as working memory."""
+    D^-1]], the products with triangular factors skipping their zero halves. A third of the arithmetic of a
+    triangular solve against the identity (which does not know its right-hand side is triangular), in matmuls,
+    and a quarter of the matrix as working memory."""
     n = len(low)
     if n <= leaf:
         eye = torch.eye(n, dtype=low.dtype, device=low.device)
@@ -389,20 +390,49 @@ def _invert_lower_(low: Tensor, leaf: int = 512) -> Tensor:
         return low
     k = n // 2
     a_inv, d_inv = _invert_lower_(low[:k, :k], leaf), _invert_lower_(low[k:, k:], leaf)
-    c_a = low[k:, :k] @ a_inv
-    torch.matmul(d_inv, c_a, out=low[k:, :k]).neg_()
+    c_a = _times_lower(low[k:, :k], a_inv, leaf)
+    low[k:, :k] = _lower_times(d_inv, c_a, leaf).neg_()
     return low
+
+
+def _times_lower(x: Tensor, t: Tensor, leaf: int) -> Tensor:
+    """x @ t for a lower-triangular t, by halves of t ([[P, 0], [Q, R]]: x1 P + x2 Q, x2 R), skipping its zero
+    quarter: about half the arithmetic of a plain matmul."""
+    k = t.shape[0]
+    if k <= leaf:
+        return x @ t
+    h = k // 2
+    out = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+    out[:, :h] = _times_lower(x[:, :h], t[:h, :h], leaf)
+    out[:, :h].addmm_(x[:, h:], t[h:, :h])
+    out[:, h:] = _times_lower(x[:, h:], t[h:, h:], leaf)
+    return out
+
+
+def _lower_times(t: Tensor, y: Tensor, leaf: int) -> Tensor:
+    """t @ y for a lower-triangular t, by halves as _times_lower ([[P, 0], [Q, R]]: P y1, Q y1 + R y2)."""
+    k = t.shape[0]
+    if k <= leaf:
+        return t @ y
+    h = k // 2
+    out = torch.empty(k, y.shape[1], dtype=y.dtype, device=y.device)
+    out[:h] = _lower_times(t[:h, :h], y[:h], leaf)
+    out[h:] = _lower_times(t[h:, h:], y[h:], leaf)
+    out[h:].addmm_(t[h:, :h], y[:h])
+    return out
 
 
 @dataclass
 class Rounded:
-    """One layer's export: packed tensors, their dequantized value, which scales won, and (when asked for) the
-    value the same rounding gives the weight without the update."""
+    """One layer's export: packed tensors, their dequantized value, which scales won, (when asked for) the value
+    the same rounding gives the weight without the update, and (GPTQ) its output error on the calibration
+    inputs."""
 
     packed: dict[str, Tensor]
     value: Tensor
     scales: str
     without: Tensor | None = None
+    error_energy: float | None = None  # GPTQ: ||X (value - W)^T||^2 on the calibration inputs, from its own errors
 
 
 def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str, Tensor] | None], q: QuantConfig,
@@ -464,7 +494,7 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
             # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
             err = float(e.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
             if n not in best or err < best[n][0]:
-                best[n] = (err, Rounded(packed, value, label))
+                best[n] = (err, Rounded(packed, value, label, error_energy=max(err, 0.0)))
         del codes
     for n, f in floors.items():
         best[n][1].without = f
@@ -505,13 +535,17 @@ def _dequantize(packed: dict[str, Tensor], shape, q: QuantConfig) -> Tensor:
     return formats.dequantize(packed, q.quant, tuple(shape), q.blocksize, torch.float32)
 
 
-def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tensor | None = None) -> dict:
+def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tensor | None = None,
+             miss_energy: float | None = None) -> dict:
     """How much of the intended update dW the export really applies (actual = its weight change).
 
     Weight space: cosine and norm ratio of the two (out, in) matrices. Output space, what the model
     feels: the same on the calibration activations, <A, B>_H = trace(A H B^T) with H = X^T X.
     Inner products are taken without elementwise temporaries (one product of a block of H at a time).
     `intended_h`: dW H when the caller has it cheaper (a LoRA update's s B (A H) costs r x in^2, not out x in^2).
+    `miss_energy`: <A - B, A - B>_H when the caller has it (GPTQ's output error, where the weight without the
+    update is the one rounded onto: A - B = the export less the merged weight). Then <A, A>_H = miss +
+    2 <A, B>_H - <B, B>_H costs no out x in^2 product.
     """
     a, b, h = actual.float(), intended.float(), hessian.float()
 
@@ -527,9 +561,11 @@ def retained(actual: Tensor, intended: Tensor, hessian: Tensor, intended_h: Tens
     bh = b @ h if intended_h is None else intended_h.float()
     ah_b, bh_b = dot(a, bh), dot(bh, b)
     del bh
-    # A H A^T over H's blocks on and above its diagonal (symmetric: those off it count twice)
-    ah_a = sum((1 if rows == cols else 2) * dot(a[:, rows] @ h[rows, cols], a[:, cols])
-               for rows, cols in _gram_blocks(h.shape[0]))
+    if miss_energy is not None:
+        ah_a = max(miss_energy + 2 * ah_b - bh_b, 0.0)
+    else:  # A H A^T over H's blocks on and above its diagonal (symmetric: those off it count twice)
+        ah_a = sum((1 if rows == cols else 2) * dot(a[:, rows] @ h[rows, cols], a[:, cols])
+                   for rows, cols in _gram_blocks(h.shape[0]))
     o_cos, o_ratio = cos_ratio(ah_b, ah_a, bh_b)
     return {"update_cos": w_cos, "update_norm_ratio": w_ratio, "output_cos": o_cos, "output_norm_ratio": o_ratio}
 

@@ -185,6 +185,37 @@ def test_inverse_factor_and_retained_against_float64():
     assert abs(got["update_cos"] - float((ad * dd).sum() / (ad.norm() * dd.norm()))) < 2e-4
 
 
+def test_gptq_output_error_gives_retained_its_output_measures():
+    """The rounding's own output error ||X (Q - W)^T||^2 (Rounded.error_energy, from GPTQ's errors after the
+    damping is taken back out) against float64 trace((Q - W) H (Q - W)^T), and `retained` with it (no A H A^T
+    product) against the plain float64 measures, for an nf4 base plus a small LoRA update rounded onto the
+    base's grid."""
+    from qlora_kit import formats, rounding
+    from qlora_kit.config import QuantConfig
+
+    torch.manual_seed(4)
+    out_f, n, r = 96, 320, 4
+    q = QuantConfig(quant="nf4", blocksize=64, compute_dtype=torch.float32)
+    x = torch.randn(700, n) @ (torch.eye(n) + 0.3 * torch.randn(n, n) / n ** 0.5)
+    h = x.t() @ x
+    base_packed = formats.quantize(torch.randn(out_f, n) * 0.02, q)
+    base = formats.dequantize(base_packed, "nf4", (out_f, n), 64, torch.float32)
+    a_lora, b_lora = torch.randn(r, n) * 0.01, torch.randn(out_f, r) * 0.01
+    delta = 2.0 * b_lora @ a_lora
+    merged = base + delta
+    got = rounding.requantize_group({"w": merged}, {"w": base_packed}, q, "gptq", h)["w"]
+    e = (got.value - merged).double()
+    hd = h.double()
+    assert abs(got.error_energy - float(torch.trace(e @ hd @ e.t()))) <= 1e-4 * float(torch.trace(e @ hd @ e.t()))
+    measures = rounding.retained(got.value - base, delta, h, 2.0 * b_lora @ (a_lora @ h), miss_energy=got.error_energy)
+    ad, dd = (got.value - base).double(), delta.double()
+    ip = {k: float(torch.trace(p @ hd @ q_.t())) for k, (p, q_) in
+          {"ab": (ad, dd), "aa": (ad, ad), "bb": (dd, dd)}.items()}
+    assert 0.05 < measures["output_cos"] < 0.99  # a real test: some of the update kept, not all
+    assert abs(measures["output_cos"] - ip["ab"] / (ip["aa"] * ip["bb"]) ** 0.5) < 2e-4
+    assert abs(measures["output_norm_ratio"] - (ip["aa"] / ip["bb"]) ** 0.5) < 2e-4
+
+
 @pytest.mark.parametrize("width", [300, 1300])
 def test_input_statistics_are_x_transpose_x(width):
     """Layers reading one input share one H = X^T X over all calls, accumulated (for wide inputs) a block at a
