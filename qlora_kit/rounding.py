@@ -72,6 +72,13 @@ class Grid:
             return cls(torch.cat([x.scales.repeat_interleave(x.group, dim=1) for x in grids]), 1, g.table, offsets)
         return cls(torch.cat([x.scales for x in grids]), g.group, g.table, offsets)
 
+    def rows(self, index: Tensor) -> Grid:
+        """The grid of some of its rows."""
+        if len(index) == self.scales.shape[0] and bool((index == torch.arange(len(index))).all()):
+            return self
+        return Grid(self.scales[index.to(self.scales.device)], self.group, self.table,
+                    None if self.offsets is None else self.offsets[index.to(self.offsets.device)])
+
     def to(self, device: torch.device) -> Grid:
         if self.scales.device == torch.device(device):
             return self
@@ -438,7 +445,7 @@ class Rounded:
 def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str, Tensor] | None], q: QuantConfig,
                      method: str, hessian: Tensor | None, device: torch.device | str | None = None,
                      without: dict[str, Tensor] | None = None) -> dict[str, Rounded]:
-    """The packed exports of weights that share one input statistics matrix H, rounded in one stacked pass.
+    """The packed exports of weights that share one input statistics matrix H, their rows rounded in stacked passes.
 
     Args:
         merged: layer name -> merged (out, in) fp32 weight.
@@ -466,39 +473,88 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
                 for n, p in fresh.items()}
     alone = {n: base_packed.get(n) or formats.quantize(w, q, codes=False) for n, w in without.items()}
     # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
-    # block's range), and the base's own; the lower output error on the calibration inputs wins
-    cands = [(n, "fresh", p, merged[n]) for n, p in fresh.items()]
-    cands += [(n, "base", p, merged[n]) for n, p in base_packed.items() if p is not None]
-    cands += [(n, "without", p, without[n]) for n, p in alone.items()]
-    grids = [_grid(like, tuple(w.shape), q) for _, _, like, w in cands]
+    # block's range), and the base's own; the lower output error on the calibration inputs wins. Rows are
+    # independent given H, so a quarter of them (every TRIAL_STRIDE-th) rounded on both grids chooses, and only
+    # the winner rounds the rest (1.25 passes, not 2)
+    cands = {(n, "fresh"): (p, merged[n]) for n, p in fresh.items()}
+    cands.update({(n, "base"): (p, merged[n]) for n, p in base_packed.items() if p is not None})
+    cands.update({(n, "without"): (p, without[n]) for n, p in alone.items()})
+    grids = {k: _grid(like, tuple(w.shape), q) for k, (like, w) in cands.items()}
     factor = gptq_factor(hessian, device=device or "cpu")  # once for all the group's rows
+    run = _RowJobs(hessian, factor, device)
+    contested = [n for n in merged if (n, "base") in cands and merged[n].shape[0] >= TRIAL_MIN_ROWS]
+    trial = {n: torch.arange(0, merged[n].shape[0], TRIAL_STRIDE) for n in contested}
+    done = run({(n, label): (trial[n], grids[n, label], merged[n]) for n in contested for label in ("fresh", "base")})
+    winner = {n: min(("fresh", "base"), key=lambda label: float(done[n, label][1].sum(dtype=torch.float64)))
+              for n in contested}
+    jobs = {}
+    for (n, label), (_, w) in cands.items():
+        if n in winner and label != winner[n]:
+            continue
+        rows = torch.arange(w.shape[0])
+        if n in winner:  # the winner's rows the trial left
+            keep = torch.ones(w.shape[0], dtype=torch.bool)
+            keep[trial[n]] = False
+            rows = rows[keep]
+        jobs[n, label] = (rows, grids[n, label], w)
+    rest = run(jobs)
+    del factor, run
     best: dict[str, tuple[float, Rounded]] = {}
     floors: dict[str, Tensor] = {}
-    chunks = _chunks([w.numel() * 4 for _, _, _, w in cands], CHUNK_BYTES)  # rows are independent given H
-    for j, chunk in enumerate(chunks):
-        wt = torch.cat([cands[k][3].t() for k in chunk], dim=1)  # (in, rows): the one copy the rounding uses
-        codes, energy = gptq_codes(wt, hessian, Grid.stack([grids[k] for k in chunk]), device=device,
-                                   input_major=True, return_energy=True, factor=factor)
-        del wt
-        if j == len(chunks) - 1:
-            factor = None  # all rows rounded: the factor's memory goes back before the decoding
-        row = 0
-        for n, label, like, w in (cands[k] for k in chunk):
-            c, e = codes[row:row + w.shape[0]], energy[row:row + w.shape[0]]
-            row += w.shape[0]
-            packed = _pack(c, like, q.quant, tuple(w.shape))
-            value = _dequantize(packed, w.shape, q)
-            if label == "without":
-                floors[n] = value
-                continue
-            # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
-            err = float(e.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
-            if n not in best or err < best[n][0]:
-                best[n] = (err, Rounded(packed, value, label, error_energy=max(err, 0.0)))
+    for (n, label), (rows, _, w) in jobs.items():
+        codes = torch.empty(w.shape, dtype=torch.int16)
+        energy = torch.empty(w.shape[0])
+        codes[rows], energy[rows] = rest[n, label]
+        if n in winner:
+            codes[trial[n]], energy[trial[n]] = done[n, label]
+        like = cands[n, label][0]
+        packed = _pack(codes, like, q.quant, tuple(w.shape))
+        value = _dequantize(packed, w.shape, q)
         del codes
+        if label == "without":
+            floors[n] = value
+            continue
+        # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
+        err = float(energy.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
+        if n not in best or err < best[n][0]:  # (without a trial: both grids rounded whole, the lower error)
+            best[n] = (err, Rounded(packed, value, label, error_energy=max(err, 0.0)))
     for n, f in floors.items():
         best[n][1].without = f
     return {n: r for n, (_, r) in best.items()}
+
+
+TRIAL_STRIDE = 4  # every 4th row of a layer, rounded on both candidate grids, chooses between them
+TRIAL_MIN_ROWS = 64  # smaller layers round both grids whole
+
+
+class _RowJobs:
+    """GPTQ on chosen rows of several weights that share H, stacked into passes of at most CHUNK_BYTES of W^T:
+    {key: (row indices, the weight's Grid, W)} -> {key: (codes (rows, in) int16, damped output error per row)}."""
+
+    def __init__(self, hessian: Tensor, factor: tuple[Tensor, Tensor], device):
+        self.hessian, self.factor, self.device = hessian, factor, device
+
+    def __call__(self, jobs: dict) -> dict:
+        keys = list(jobs)
+        out = {}
+        for chunk in _chunks([len(jobs[k][0]) * jobs[k][2].shape[1] * 4 for k in keys], CHUNK_BYTES):
+            n_in = jobs[keys[chunk[0]]][2].shape[1]
+            wt = torch.empty(n_in, sum(len(jobs[keys[i]][0]) for i in chunk))  # (in, rows): the copy rounded
+            at = 0
+            for i in chunk:  # one weight's chosen rows at a time
+                rows, _, w = jobs[keys[i]]
+                wt[:, at:at + len(rows)] = (w if len(rows) == w.shape[0] else w[rows]).t()
+                at += len(rows)
+            grid = Grid.stack([jobs[keys[i]][1].rows(jobs[keys[i]][0]) for i in chunk])
+            codes, energy = gptq_codes(wt, self.hessian, grid, device=self.device, input_major=True,
+                                       return_energy=True, factor=self.factor)
+            del wt
+            at = 0
+            for i in chunk:
+                k = len(jobs[keys[i]][0])
+                out[keys[i]] = (codes[at:at + k], energy[at:at + k])
+                at += k
+        return out
 
 
 def _grid(like: dict[str, Tensor], shape: tuple[int, int], q: QuantConfig) -> Grid:
