@@ -7,10 +7,13 @@ onto the columns not yet rounded, weighted by the inverse of H = X^T X (the laye
 so the output error ||X (Q - W)^T|| stays small and a small update survives as a pattern of changed codes.
 
 Speed: rows are independent given H, so every layer that reads the same input (q/k/v, gate/up, the
-experts of one stack) and both candidate grids (the base's scales, fresh scales) are rounded in one
-stacked pass; the arithmetic is float32 with the paper's lazy-batch updates (columns in blocks of 128,
-the rest of the matrix updated once per block by a matmul; inside a block, sub-blocks of 16 the same way),
-on a GPU when one is present.
+experts of one stack) is rounded in one stacked pass, and of the two candidate grids (the base's scales,
+fresh scales) a quarter of the rows chooses: rounded on both, the grid with the lower output error on them
+rounds the other rows (1.25 passes where both whole would take 2; the lazy-batch updates' matmuls, rows x
+in^2, are most of the time for layers of 1,024 rows and more; smaller ones round both grids whole in one
+pass, whose per-column dispatch costs more than the extra rows). The arithmetic is float32 with the paper's lazy-batch updates (columns in blocks
+of 128, the rest of the matrix updated once per block by a matmul; inside a block, sub-blocks of 16 the same
+way), on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -524,7 +527,7 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
 
 
 TRIAL_STRIDE = 4  # every 4th row of a layer, rounded on both candidate grids, chooses between them
-TRIAL_MIN_ROWS = 64  # smaller layers round both grids whole
+TRIAL_MIN_ROWS = 1024  # smaller layers round both grids whole: their loop is dispatch-bound, a trial would add one
 
 
 class _RowJobs:

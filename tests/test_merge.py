@@ -216,6 +216,38 @@ def test_gptq_output_error_gives_retained_its_output_measures():
     assert abs(measures["output_norm_ratio"] - (ip["aa"] / ip["bb"]) ** 0.5) < 2e-4
 
 
+def test_gptq_trial_rows_choose_the_grid_and_the_winner_rounds_the_rest(monkeypatch):
+    """Every 4th row rounded on both candidate grids chooses one; the winner's codes for all rows (trial rows and
+    the rest, assembled) are what rounding the whole layer on that grid gives, and the choice is the one the
+    whole layers' output errors make: base scales for a small update, fresh ones where the update outgrows the
+    base's blocks."""
+    from qlora_kit import formats, rounding
+    from qlora_kit.config import QuantConfig
+
+    monkeypatch.setattr(rounding, "TRIAL_MIN_ROWS", 8)
+    torch.manual_seed(5)
+    out_f, n = 128, 256
+    q = QuantConfig(quant="nf4", blocksize=64, compute_dtype=torch.float32)
+    x = torch.randn(600, n) @ (torch.eye(n) + 0.3 * torch.randn(n, n) / n ** 0.5)
+    h = x.t() @ x
+    packed = {k: formats.quantize(torch.randn(out_f, n) * 0.02, q) for k in ("small", "grows")}
+    base = {k: formats.dequantize(p, "nf4", (out_f, n), 64, torch.float32) for k, p in packed.items()}
+    merged = {"small": base["small"] + 0.001 * torch.randn(out_f, n),
+              "grows": base["grows"] * 2.5 + 0.001 * torch.randn(out_f, n)}  # every block's range outgrown
+    got = rounding.requantize_group(merged, packed, q, "gptq", h)
+    factor = rounding.gptq_factor(h)
+    for k, want_scales in (("small", "base"), ("grows", "fresh")):
+        whole = {}
+        for label, like in (("base", packed[k]), ("fresh", formats.quantize(merged[k], q, codes=False))):
+            codes, e = rounding.gptq_codes(merged[k], h, rounding._grid(like, (out_f, n), q), return_energy=True,
+                                           factor=factor)
+            whole[label] = (float(e.sum()), rounding._dequantize(rounding._pack(codes, like, "nf4", (out_f, n)),
+                                                                 (out_f, n), q))
+        assert min(whole, key=lambda label: whole[label][0]) == want_scales == got[k].scales
+        same = (got[k].value == whole[want_scales][1]).float().mean()
+        assert same > 0.999, (k, float(same))  # (a matmul of another row count may round an ulp apart)
+
+
 @pytest.mark.parametrize("width", [300, 1300])
 def test_input_statistics_are_x_transpose_x(width):
     """Layers reading one input share one H = X^T X over all calls, accumulated (for wide inputs) a block at a
