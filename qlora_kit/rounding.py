@@ -11,9 +11,9 @@ experts of one stack) is rounded in one stacked pass, and of the two candidate g
 fresh scales) a quarter of the rows chooses: rounded on both, the grid with the lower output error on them
 rounds the other rows (1.25 passes where both whole would take 2; the lazy-batch updates' matmuls, rows x
 in^2, are most of the time for layers of 1,024 rows and more; smaller ones round both grids whole in one
-pass, whose per-column dispatch costs more than the extra rows). The arithmetic is float32 with the paper's lazy-batch updates (columns in blocks
-of 128, the rest of the matrix updated once per block by a matmul; inside a block, sub-blocks of 16 the same
-way), on a GPU when one is present.
+pass, whose per-column dispatch costs more than the extra rows). The arithmetic is float32 with the paper's
+lazy-batch updates (columns in blocks of 128, the rest of the matrix updated once per block by a matmul;
+inside a block, sub-blocks of 16 the same way), on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ class Grid:
     or the integers -127..127 of int8 and Q8_0 when table is None)."""
 
     def __init__(self, scales: Tensor, group: int, table: Tensor | None = None, offsets: Tensor | None = None):
-        scales = scales.float()  # GGUF's _0 types may store negative scales: only zero ones are nudged
-        self.scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
+        self.scales = _nonzero(scales)
         self.group = group  # scales: (rows, in / group)
         self.offsets = None if offsets is None else offsets.float()
         self.table = table
@@ -76,8 +75,8 @@ class Grid:
         return cls(torch.cat([x.scales for x in grids]), g.group, g.table, offsets)
 
     def rows(self, index: Tensor) -> Grid:
-        """The grid of some of its rows."""
-        if len(index) == self.scales.shape[0] and bool((index == torch.arange(len(index))).all()):
+        """The grid of some of its rows (`index`: distinct rows, ascending; all of them: this grid)."""
+        if len(index) == self.scales.shape[0]:
             return self
         return Grid(self.scales[index.to(self.scales.device)], self.group, self.table,
                     None if self.offsets is None else self.offsets[index.to(self.offsets.device)])
@@ -92,6 +91,13 @@ class Grid:
         """Scales and offsets input-major, (in / group, rows), contiguous: a column's are one contiguous row."""
         return (self.scales.t().contiguous(),
                 None if self.offsets is None else self.offsets.t().contiguous())
+
+
+def _nonzero(scales: Tensor) -> Tensor:
+    """Scales in float32 with the zero ones (an all-zero block) nudged to 1e-12, so that dividing by them is finite;
+    the sign of the others is kept (GGUF's _0 types may store negative scales)."""
+    scales = scales.float()
+    return torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
 
 
 def _below_bin_edges(points: Tensor) -> Tensor | None:
@@ -273,9 +279,7 @@ def dithered_codes(w: Tensor, scales: Tensor, table: Tensor, blocksize: int) -> 
     """
     shape = tuple(w.shape)
     t = _FloorTable.of(table, w.device)
-    scales = scales.float()
-    scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)  # as Grid: sign kept
-    x = (w.reshape(-1, blocksize).float() / scales.view(-1, 1)).reshape(-1)
+    x = (w.reshape(-1, blocksize).float() / _nonzero(scales).view(-1, 1)).reshape(-1)
     x = x.nan_to_num_(0.0).clamp_(t.lo, t.hi)  # (a NaN weight would index outside the tables)
     j = t.floor_index(x)  # the grid value at or below x (never the last)
     lo, gap = torch.index_select(t.values, 0, j), torch.index_select(t.gaps, 0, j)
@@ -496,9 +500,7 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
             continue
         rows = torch.arange(w.shape[0])
         if n in winner:  # the winner's rows the trial left
-            keep = torch.ones(w.shape[0], dtype=torch.bool)
-            keep[trial[n]] = False
-            rows = rows[keep]
+            rows = rows[rows % TRIAL_STRIDE != 0]
         jobs[n, label] = (rows, grids[n, label], w)
     rest = run(jobs)
     del factor, run
@@ -532,7 +534,8 @@ TRIAL_MIN_ROWS = 1024  # smaller layers round both grids whole: their loop is di
 
 class _RowJobs:
     """GPTQ on chosen rows of several weights that share H, stacked into passes of at most CHUNK_BYTES of W^T:
-    {key: (row indices, the weight's Grid, W)} -> {key: (codes (rows, in) int16, damped output error per row)}."""
+    {key: (row indices (distinct, ascending), the weight's Grid, W)} -> {key: (codes (rows, in) int16, damped
+    output error per row)}."""
 
     def __init__(self, hessian: Tensor, factor: tuple[Tensor, Tensor], device):
         self.hessian, self.factor, self.device = hessian, factor, device
