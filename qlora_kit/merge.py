@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from .loss import IGNORE_INDEX
 from .memory.observed import rss_now
 from .merge_report import format_report  # noqa: F401  (public: the printed report)
 from .patch import lora_layers
-from .rounding import InputStats, requantize_group, retained
+from .rounding import InputStats, requantize_groups, retained
 
 SHARD_BYTES = 2 * 2**30
 # Blocks from these sizes get their own mappings, handed back when freed; smaller ones are reused from malloc's
@@ -51,8 +50,9 @@ MMAP_BYTES = 64 * 2**20
 ROUNDING_MMAP_BYTES = 4 * 2**20
 # A trim hands the heaps' free pages back, and the next phase faults them in again (about 2.6 us per 4 KiB page
 # here). Between a block's phases (forwards, each group's rounding, the export's forwards) that pays only when
-# its LoRA layers are large: a block below this size in fp32 is trimmed once, after it is written. (A 135M
-# merge: 210 trims cost 7-8 s of system time, a tenth of the run, and lowered its peak by nothing.)
+# its LoRA layers are large: a block below this size in fp32 is not trimmed between its phases, and such blocks
+# are trimmed once per this many bytes of them written. (A 135M merge: 210 trims cost 7-8 s of system time, a
+# tenth of the run, and lowered its peak by nothing; one per block still cost 1.1 s of 78.)
 TRIM_PHASES_BYTES = 64 * 2**20
 FORWARD_TOKENS = 1024  # tokens per forward of the calibration and evaluation activations (whole rows, at least one)
 
@@ -195,8 +195,6 @@ class _Streamed:
         self.metrics: dict = {}
         self.peak_rss = 0
         self.as_tuple = False  # whether the model's blocks return tuples (seen on the first block)
-        self.stacks: set[str] = set()  # the expert stacks of the current block
-        self.floor: dict[str, Tensor] = {}  # the current block's layers rounded without their update
         # whether the export's format changes the base's linear weights (otherwise it stores the base's own codes)
         self.floor_everywhere = not (cfg.quantized and self._base_is_floor(parts.cfg.quant))
 
@@ -222,12 +220,19 @@ class _Streamed:
         self._write_outside(writer)
         parts.drop(None)
         allocator.trim()
-        rows, as_tuple = [], False
+        rows, untrimmed = [], 0
         for i in range(len(layers)):
-            rows += self._block(i, writer, cal, streams)
-            as_tuple = self.as_tuple
+            p = self._enter(i, cal, streams)
+            p_bytes = p.bytes
+            values, block_rows = self._round(p)
+            rows += block_rows
+            self._leave(p, values, writer, streams)
+            del p, values
             parts.drop(i)
-            allocator.trim()
+            untrimmed += p_bytes
+            if untrimmed >= TRIM_PHASES_BYTES or i == len(layers) - 1:  # small blocks: a trim per 64 MB of them
+                allocator.trim()
+                untrimmed = 0
             self.peak_rss = max(self.peak_rss, rss_now())
             progress.step(i + 1)
         progress.done()
@@ -236,7 +241,7 @@ class _Streamed:
         writer.close()
         if eval_set is not None:
             with blocks.embedding_unread(model, ends):
-                self.metrics = self._metrics(streams, as_tuple)
+                self.metrics = self._metrics(streams, self.as_tuple)
         parts.drop(None)
         return rows
 
@@ -248,15 +253,17 @@ class _Streamed:
             if key not in writer.keys and not t.is_meta:
                 writer.add(key, t, dtype)
 
-    def _block(self, i: int, writer: ShardWriter, cal: blocks.Stream, streams: dict) -> list:
-        parts, cfg = self.parts, self.cfg
+    def _enter(self, i: int, cal: blocks.Stream, streams: dict) -> _Pending:
+        """Block i read, its adapter applied, and the activations that do not depend on the export carried
+        through it (calibration, collecting the input statistics; the base and the unmerged model)."""
+        parts = self.parts
         prefix = f"{parts.layers_name}.{i}."
         block = parts.load(i)
         apply_adapter(parts.model, self.adapter, self.adapter_cfg, self.pairs, check_base=False, under=prefix)
         linears = {f"{prefix}{n}": m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
         lora = {n: m for n, m in linears.items() if m.lora_A is not None}
-        self.stacks = {f"{prefix}{n}" for n in expert_stacks(block)}
-        experts = {n for n in linears if n.rpartition(".")[0] in self.stacks}
+        stacks = {f"{prefix}{n}" for n in expert_stacks(block)}
+        experts = {n for n in linears if n.rpartition(".")[0] in stacks}
         base = {n: m.dequantize(torch.float32) for n, m in linears.items()}  # the weights the adapter trained on
         stats = InputStats({n: n.rpartition(".")[0] for n in experts})
         cast = blocks.written(block, None, self.store, prefix)
@@ -270,15 +277,14 @@ class _Streamed:
                 with blocks.lora_off(with_lora.values()):
                     blocks.advance(block, i, streams["base"])
                 blocks.advance(block, i, streams["unmerged"])
-        del base  # decoded again a group at a time: a block's dense weights are not all held through the rounding
         big = sum(m.out_features * m.in_features * 4 for m in lora.values()) >= TRIM_PHASES_BYTES
-        trim = allocator.trim if big else _nothing
-        trim()  # and the forwards' small freed temporaries, before the rounding's working set
-        allocator.own_mappings_from(ROUNDING_MMAP_BYTES)
-        values, rows = self._merged(lora, linears, stats, experts, trim)
-        allocator.own_mappings_from(MMAP_BYTES)
-        del stats  # the input statistics: not needed past the rounding
-        trim()  # the rounding's working set, handed back before the export's streams
+        # a large block's dense weights are decoded again a group at a time, not all held through the rounding
+        return _Pending(i, block, prefix, linears, lora, stacks, experts, None if big else base, stats, cast,
+                        "export_base" in streams, big, sum(m.out_features * m.in_features * 4 for m in linears.values()))
+
+    def _leave(self, p: _Pending, values: dict, writer: ShardWriter, streams: dict) -> None:
+        """Block p written, and the export's activations (and the floor's) carried through it."""
+        cfg, block, prefix, linears = self.cfg, p.block, p.prefix, p.linears
         for key, t, dtype in export.module_tensors(block, prefix, values, cfg, self.export_q, self.trained_dtype,
                                                    set()):
             writer.add(key, t, dtype)
@@ -286,33 +292,32 @@ class _Streamed:
             stored = {n: export.stored_value(values[n] if n in values else export.export_value(m, cfg, self.export_q),
                                              m, cfg, self.export_q) for n, m in linears.items()}
             del values
-            with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
-                                                    bias_dtype=self.bias_dtype):
-                blocks.advance(block, i, streams["export"])
-            if "export_base" in streams:  # the export's format without the update: what rounding alone does
-                for n in lora:
-                    stored[n] = self._without_update(n, lora[n])
-                with blocks.swapped(cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
-                                                        bias_dtype=self.bias_dtype):
-                    blocks.advance(block, i, streams["export_base"])
-        self.floor.clear()
-        return rows
+            with blocks.swapped(p.cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
+                                                      bias_dtype=self.bias_dtype):
+                blocks.advance(block, p.i, streams["export"])
+            if p.export_base:  # the export's format without the update: what rounding alone does
+                for n in p.lora:
+                    stored[n] = self._without_update(p, n)
+                with blocks.swapped(p.cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
+                                                          bias_dtype=self.bias_dtype):
+                    blocks.advance(block, p.i, streams["export_base"])
 
     def _src(self, n: str, layer: QuantLinear, base: Tensor) -> Tensor:
         """The weight the update is added to: the trained (dequantized) one, or the checkpoint's original."""
         return self.original.weight(n, layer) if self.original else base
 
-    def _without_update(self, n: str, layer: QuantLinear, base: Tensor | None = None) -> Tensor:
-        """The fp32 weight the export would hold for layer n without the update: the trained (or original)
-        weights in the export's format, rounded by the same method (kept from the rounding pass). `base`: the
-        layer's decoded weight when at hand (decoded here only if needed)."""
+    def _without_update(self, p: _Pending, n: str, base: Tensor | None = None) -> Tensor:
+        """The fp32 weight the export would hold for layer n of block p without the update: the trained (or
+        original) weights in the export's format, rounded by the same method (kept from the rounding pass).
+        `base`: the layer's decoded weight when at hand (decoded here only if needed)."""
         cfg, q = self.cfg, self.export_q
-        if n in self.floor:
-            return self.floor[n]
+        layer = p.lora[n]
+        if n in p.floor:
+            return p.floor[n]
         if base is None:
             base = layer.dequantize(torch.float32)
         src = self.original.weight(n, layer) if self.original else base
-        if not cfg.quantized or n.rpartition(".")[0] in self.stacks:
+        if not cfg.quantized or n.rpartition(".")[0] in p.stacks:
             return src.to(self.dense).float()
         if self._base_is_floor(layer.quant):
             return base
@@ -331,55 +336,77 @@ class _Streamed:
             return formats.quantize(self._src(n, layer, base), self.export_q)
         return None
 
-    def _merged(self, lora: dict[str, QuantLinear], linears: dict, stats: InputStats,
-                experts: set[str], trim: Callable[[], None]) -> tuple[dict, list]:
-        """Each LoRA layer's export value (packed or dense) and its report row; layers sharing an input are
-        rounded together. `trim` runs after each group."""
-        cfg, q = self.cfg, self.export_q
+    def _round(self, p: _Pending) -> tuple[dict, list]:
+        """Each LoRA layer's export value (packed or dense) and its report row. Layers sharing an input are rounded
+        together; a small block's groups all at once (one column loop for those of the same input width), a large
+        block's one at a time, each handed back (and trimmed) before the next."""
+        if p.big:
+            allocator.trim()  # the forwards' small freed temporaries, before the rounding's working set
+        allocator.own_mappings_from(ROUNDING_MMAP_BYTES)
         values, rows = {}, []
-        groups: dict[str, list[str]] = {}
-        for n in lora:
-            groups.setdefault(stats.key.get(n, n), []).append(n)
-        for key, names in groups.items():
-            h = stats.pop(key)  # not needed past its group: handed back before the next
-            if h is None:
-                h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
-            base = {n: lora[n].dequantize(torch.float32) for n in names}  # the weights the adapter trained on
-            deltas = {n: lora[n].delta_weight().detach().float() for n in names}
-            requant = [n for n in names if cfg.quantized and n not in experts]
-            # the layers rounded together are merged together; the others one at a time
+        work = list(p.groups().items())
+        for part in ([[w] for w in work] if p.big else [work]):
+            groups = [self._group(p, key, names) for key, names in part]
+            rounded = requantize_groups([g.spec for g in groups if g.spec is not None], self.export_q, self.method,
+                                        self.device)
+            rounded.reverse()
+            for g in groups:
+                self._rows(p, g, rounded.pop() if g.spec is not None else {}, values, rows)
+            del groups, rounded  # the group's weights: all handed back before the next
+            if p.big:
+                allocator.trim()  # with the small ones malloc keeps (without it the 780M case peaks 90 MiB higher)
+        p.base = p.stats = None  # not needed past the rounding
+        allocator.own_mappings_from(MMAP_BYTES)
+        if p.big:
+            allocator.trim()  # the rounding's working set, handed back before the export's streams
+        return values, rows
+
+    def _group(self, p: _Pending, key: str, names: list[str]) -> _Group:
+        """One group's inputs to the rounding: its statistics (handed over by p.stats), weights and updates."""
+        lora, cfg = p.lora, self.cfg
+        h = p.stats.pop(key)
+        if h is None:
+            h = torch.zeros(lora[names[0]].in_features, lora[names[0]].in_features)
+        # the weights the adapter trained on
+        base = {n: p.base[n] if p.base is not None else lora[n].dequantize(torch.float32) for n in names}
+        deltas = {n: lora[n].delta_weight().detach().float() for n in names}
+        requant = [n for n in names if cfg.quantized and n not in p.experts]
+        spec = None
+        if requant:  # the layers rounded together are merged together; the others one at a time
             merged = {n: self._src(n, lora[n], base[n]) + deltas[n] for n in requant}
             # the floor: the same rounding of the weights without the update, in the same pass
             without = {n: self._src(n, lora[n], base[n]) for n in requant if not self._base_is_floor(lora[n].quant)}
-            rounded = requantize_group(merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, q,
-                                       self.method, h, self.device, without=without) if requant else {}
-            del merged, without
-            self.floor.update({n: r.without for n, r in rounded.items() if r.without is not None})
-            for n in names:
-                layer = lora[n]
-                src = self._src(n, layer, base[n])
-                delta = deltas[n]
-                row = {"layer": n, "update_rel": _ratio(delta, src), "shape": [layer.out_features, layer.in_features]}
-                if self.original:
-                    row["quant_err_rel"] = _ratio(base[n] - src, src)
-                old = self._without_update(n, layer, base[n])
-                delta_h = layer.scaling * (layer.lora_B.detach().float() @ (layer.lora_A.detach().float() @ h))
-                if n in rounded:  # (dW H from the factors: r x in^2 where the product costs out x in^2)
-                    r = rounded[n]
-                    row["scales"] = r.scales
-                    # the weight rounded onto is the source itself: GPTQ's own output error gives A H A^T
-                    miss = r.error_energy if self._base_is_floor(layer.quant) else None
-                    row.update(retained(r.value - old, delta, h, delta_h, miss_energy=miss))
-                    row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
-                    values[n] = r.packed
-                else:
-                    values[n] = (src + delta).to(self.dense)
-                    row.update(retained(values[n].float() - old, delta, h, delta_h))
-                del delta_h
-                rows.append(row)
-            del h, base, deltas, rounded, src, delta, old  # the group's weights: all handed back before the next
-            trim()  # with the small ones malloc keeps (without it the 780M case peaks 90 MiB higher)
-        return values, rows
+            spec = (merged, {n: self._base_grid(n, lora[n], base[n]) for n in requant}, h, without)
+        return _Group(names, h, base, deltas, spec)
+
+    def _rows(self, p: _Pending, g: _Group, rounded: dict, values: dict, rows: list) -> None:
+        """A group's export values and report rows, once it is rounded."""
+        g.spec = None  # the merged weights: not needed past the rounding
+        p.floor.update({n: r.without for n, r in rounded.items() if r.without is not None})
+        h = g.h
+        for n in g.names:
+            layer = p.lora[n]
+            src = self._src(n, layer, g.base[n])
+            delta = g.deltas[n]
+            row = {"layer": n, "update_rel": _ratio(delta, src), "shape": [layer.out_features, layer.in_features]}
+            if self.original:
+                row["quant_err_rel"] = _ratio(g.base[n] - src, src)
+            old = self._without_update(p, n, g.base[n])
+            delta_h = layer.scaling * (layer.lora_B.detach().float() @ (layer.lora_A.detach().float() @ h))
+            if n in rounded:  # (dW H from the factors: r x in^2 where the product costs out x in^2)
+                r = rounded[n]
+                row["scales"] = r.scales
+                # the weight rounded onto is the source itself: GPTQ's own output error gives A H A^T
+                miss = r.error_energy if self._base_is_floor(layer.quant) else None
+                row.update(retained(r.value - old, delta, h, delta_h, miss_energy=miss))
+                row["codes_changed"] = round(float((r.value != old).float().mean()), 5)
+                values[n] = r.packed
+            else:
+                values[n] = (src + delta).to(self.dense)
+                row.update(retained(values[n].float() - old, delta, h, delta_h))
+            del delta_h
+            rows.append(row)
+        g.h = g.base = g.deltas = None
 
     @torch.no_grad()
     def _metrics(self, streams: dict, as_tuple: bool) -> dict:
@@ -421,8 +448,40 @@ class _Streamed:
         return out
 
 
-def _nothing() -> None:
-    pass
+@dataclasses.dataclass
+class _Pending:
+    """A block between its first forwards and its rounding: what the rounding and the export's forwards need."""
+
+    i: int
+    block: torch.nn.Module
+    prefix: str
+    linears: dict[str, QuantLinear]
+    lora: dict[str, QuantLinear]
+    stacks: set[str]  # the block's expert stacks
+    experts: set[str]  # layers inside them
+    base: dict[str, Tensor] | None  # the decoded weights as trained (kept for small blocks)
+    stats: InputStats | None
+    cast: dict  # what the export stores for the block's other tensors
+    export_base: bool  # whether the floor's stream runs through this block (forked at or before it)
+    big: bool  # whether its LoRA layers are TRIM_PHASES_BYTES or more in fp32
+    bytes: int  # its linear layers in fp32
+    floor: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # layers rounded without their update
+
+    def groups(self) -> dict[str, list[str]]:
+        """The LoRA layers by the input they read."""
+        out: dict[str, list[str]] = {}
+        for n in self.lora:
+            out.setdefault(self.stats.key.get(n, n), []).append(n)
+        return out
+
+
+@dataclasses.dataclass
+class _Group:
+    names: list[str]
+    h: Tensor | None
+    base: dict[str, Tensor] | None
+    deltas: dict[str, Tensor] | None
+    spec: tuple | None  # requantize_groups' input: (merged, base grids, H, without), when any layer is rounded
 
 
 def _ratio(a: Tensor, b: Tensor) -> float:

@@ -87,6 +87,10 @@ class Grid:
         return Grid(self.scales.to(device), self.group, self.table,
                     None if self.offsets is None else self.offsets.to(device))
 
+    def signature(self) -> tuple:
+        """What grids must share to be rounded in one loop: the group size, the table, whether offsets exist."""
+        return (self.group, None if self.table is None else tuple(self.table.tolist()), self.offsets is None)
+
     def columns(self) -> tuple[Tensor, Tensor | None]:
         """Scales and offsets input-major, (in / group, rows), contiguous: a column's are one contiguous row."""
         return (self.scales.t().contiguous(),
@@ -152,87 +156,166 @@ def gptq_codes(w: Tensor, hessian: Tensor, grid: Grid, block: int = 128, inner: 
     e H' e^T = |err|^2. (energy_correction() takes the damping back out.)
 
     `factor`: gptq_factor(hessian) computed once for several calls on the same H (hessian is then unused).
-
-    Speed: a column costs a few tensor operations (its nearest grid values, the error, the update of the block's
-    later columns), all into preallocated buffers: for rows in the thousands a CPU spends most of the loop on
-    their dispatch. Integer grids round; nf4/fp4 look up a fine table (_Lut) instead of a binary search.
-    H^-1's rows are divided by their diagonal once, so the error needs no division of its own. A column's
-    rank-1 update reaches only the rest of its sub-block of `inner` columns (a few rows of W^T, in cache);
-    each finished sub-block updates the rest of its block by one matmul.
+    gptq_many() rounds several weights with different H in one loop.
     """
     dev = torch.device(device) if device is not None else w.device
-    hinv, diag = factor if factor is not None else gptq_factor(hessian, damp, dev)
+    factor = factor if factor is not None else gptq_factor(hessian, damp, dev)
     # input-major: column i of W is row i of wt, so each step reads and updates contiguous memory
     wt = w.to(dev) if input_major else w.to(dev, torch.float32).t().contiguous()  # (in, rows)
-    n, rows = wt.shape
-    grid = grid.to(dev)
-    scales, offsets = grid.columns()
+    codes, energy = gptq_many([(wt, factor, grid)], dev, block, inner, in_place=True)[0]
+    return (codes, energy) if return_energy else codes
+
+
+def gptq_many(problems: list[tuple[Tensor, tuple[Tensor, Tensor], Grid]], device: torch.device | str = "cpu",
+              block: int = 128, inner: int = 16, in_place: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """GPTQ rounding of several weights, each with its own H: [(W^T (in, rows) fp32, gptq_factor(H), Grid)] ->
+    [(codes (rows, in) int16, damped output error per row)].
+
+    Problems with the same input width and grid layout go through one column loop together, padded to the
+    most rows among them (at most BATCH_BYTES of padded W^T per loop): a column's dozen tensor operations are
+    dispatched once for all of them. For a few thousand rows a CPU spends most of the loop on that dispatch,
+    so a small model's layers rounded together take a fraction of the time they take one by one; large
+    layers gain nothing and go alone. The arithmetic of each is that of gptq_codes (the batch shares no
+    numbers across problems: rows are independent given their H).
+    """
+    dev = torch.device(device)
+    out: list = [None] * len(problems)
+    buckets: dict[tuple, list[int]] = {}
+    for k, (wt, _, grid) in enumerate(problems):
+        buckets.setdefault((wt.shape[0], grid.signature()), []).append(k)
+    for ks in buckets.values():
+        ks.sort(key=lambda k: -problems[k][0].shape[1])  # most rows first: little padding within a batch
+        batch: list[int] = []
+        for k in ks + [None]:
+            if k is not None:
+                n, rows = problems[k][0].shape
+                if not batch or (len(batch) + 1) * n * problems[batch[0]][0].shape[1] * 4 <= BATCH_BYTES:
+                    batch.append(k)
+                    continue
+            done = _gptq_batch([problems[j] for j in batch], dev, block, inner, in_place and len(batch) == 1)
+            for j, result in zip(batch, done, strict=True):
+                out[j] = result
+            batch = [k] if k is not None else []
+    return out
+
+
+BATCH_BYTES = 64 * 2**20  # padded W^T of the problems rounded in one column loop
+
+
+def _gptq_batch(problems: list, dev: torch.device, block: int, inner: int, in_place: bool) -> list:
+    """One column loop over G problems (same input width and grid layout), W^T stacked as (G, in, rows)."""
+    g_n = len(problems)
+    n = problems[0][0].shape[0]
+    rows = max(p[0].shape[1] for p in problems)
+    grid0 = problems[0][2]
+    if in_place:
+        wt = problems[0][0].to(dev)[None]  # (1, in, rows): rounded in place
+    else:
+        wt = torch.zeros(g_n, n, rows, device=dev)
+        for g, (w, _, _) in enumerate(problems):
+            wt[g, :, :w.shape[1]] = w
+    columns = [p[2].to(dev).columns() for p in problems]  # per problem: (in / group, its rows)
+    if g_n == 1:
+        scales, offsets = (None if t is None else t[None] for t in columns[0])
+    else:  # padding rows: scale 1, offset 0, weight 0 (any finite value rounds)
+        scales = torch.ones(g_n, columns[0][0].shape[0], rows, device=dev)
+        offsets = None if grid0.offsets is None else torch.zeros_like(scales)
+        for g, (s, o) in enumerate(columns):
+            scales[g, :, :s.shape[1]] = s
+            if offsets is not None:
+                offsets[g, :, :s.shape[1]] = o
+    del columns
+    if g_n == 1:
+        hinv, diag = (t.to(dev)[None] for t in problems[0][1])
+    else:
+        hinv = torch.stack([p[1][0].to(dev) for p in problems])  # (G, in, in)
+        diag = torch.stack([p[1][1].to(dev) for p in problems])  # (G, in)
+    grid = grid0.to(dev)
     lut = grid.lut
     qmin, qmax = (-127.0, 127.0) if grid.table is None else (float(grid.values[0]), float(grid.values[-1]))
     if lut is not None:
         scales_t = scales / lut.scale  # x / scale_t + shift: x in LUT bins
         shift = torch.tensor(lut.shift, device=dev)
-    codes = torch.empty(wt.shape, dtype=torch.int16, device=dev)
-    x = torch.empty(rows, device=dev)  # the column in grid units (or LUT bins)
-    q = torch.empty(rows, device=dev)  # its nearest grid value, in grid units
-    m = torch.empty(rows, device=dev)
-    bins = torch.empty(rows, dtype=torch.int32, device=dev)
-    above = torch.empty(rows, device=dev)
+    codes = torch.empty((n, g_n, rows), dtype=torch.int16, device=dev)
+    flat = g_n * rows
+    x = torch.empty(g_n, rows, device=dev)  # the column in grid units (or LUT bins)
+    q = torch.empty(flat, device=dev)  # its nearest grid value, in grid units
+    m = torch.empty(flat, device=dev)
+    bins = torch.empty(flat, dtype=torch.int32, device=dev)
+    above = torch.empty(g_n, rows, device=dev)
+    q2, m2, bins2 = q.view(g_n, rows), m.view(g_n, rows), bins.view(g_n, rows)
     b = min(block, n)
     # a block's codes (index into the sorted table); with a LUT as float, which holds them exactly
-    idx = torch.empty((b, rows), dtype=torch.float32 if lut is not None else torch.int64, device=dev)
-    qs = torch.empty((b, rows), device=dev) if grid.uniform else None  # a block's values, for integer codes
-    perm = None if grid.table is None else grid.perm.to(torch.int16)
-    energy = torch.zeros(rows, device=dev) if return_energy else None
+    idx = torch.empty((b, g_n, rows), dtype=torch.float32 if lut is not None else torch.int64, device=dev)
+    qs = torch.empty((b, g_n, rows), device=dev) if grid.uniform else None  # a block's values, for integer codes
+    perm = None
+    if grid.table is not None and not torch.equal(grid.perm, torch.arange(len(grid.perm), device=grid.perm.device)):
+        perm = grid.perm.to(torch.int16)
+    energy = torch.zeros(g_n, 1, rows, device=dev)
+    dinv2 = diag.square().reciprocal()[:, None, :]  # (G, 1, in)
     # the per-column views, made once (a view costs a dispatch of its own)
-    scale_rows, idx_rows = list(scales), list(idx)
-    scale_t_rows = list(scales_t) if lut is not None else None
+    w_cols, w_cols_u = list(wt.unbind(1)), list(wt.unsqueeze(2).unbind(1))  # (G, rows), (G, 1, rows)
+    h_cols = list(hinv.unsqueeze(-1).unbind(1))  # row i of each H^-1 factor: (G, in, 1)
+    scale_cols = list(scales.unbind(1))
+    offset_cols = list(offsets.unbind(1)) if offsets is not None else None
+    scale_t_cols = list(scales_t.unbind(1)) if lut is not None else None
+    idx_rows, idx_flat = list(idx), list(idx.view(b, flat))
     qs_rows = list(qs) if qs is not None else None
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # w1 is a view: updates land in wt; at the end it holds the errors
-        for i, (wi, hrow) in enumerate(zip(w1, h1, strict=True)):
-            g = (i1 + i) // grid.group
-            s, ii = scale_rows[g], idx_rows[i]
+        for i in range(i1, i2):
+            wi = w_cols[i]
+            c = i - i1
+            g = i // grid.group
+            s = scale_cols[g]
             if lut is not None:  # nf4, fp4: bin, the nearest value at its edge, one comparison
-                torch.addcdiv(shift, wi, scale_t_rows[g], out=x).clamp_(0, lut.BINS - 1)
-                bins.copy_(x)
-                torch.index_select(lut.first_f, 0, bins, out=ii)
+                torch.addcdiv(shift, wi, scale_t_cols[g], out=x).clamp_(0, lut.BINS - 1)
+                bins2.copy_(x)
+                ii = idx_rows[c]
+                torch.index_select(lut.first_f, 0, bins, out=idx_flat[c])
                 torch.index_select(lut.next_mid, 0, bins, out=m)
-                ii.add_(torch.gt(x, m, out=above))
-                qi = torch.index_select(grid.values, 0, bins.copy_(ii), out=q)
+                ii.add_(torch.gt(x, m2, out=above))
+                bins2.copy_(ii)
+                torch.index_select(grid.values, 0, bins, out=q)
+                qi = q2
             else:
-                if offsets is None:
+                if offset_cols is None:
                     torch.div(wi, s, out=x)
                 else:
-                    torch.sub(wi, offsets[g], out=x).div_(s)
+                    torch.sub(wi, offset_cols[g], out=x).div_(s)
                 if grid.uniform:  # int8, GGUF's integer grids: rounding and a clamp
-                    qi = torch.round(x, out=qs_rows[i]).clamp_(qmin, qmax)
+                    qi = torch.round(x, out=qs_rows[c]).clamp_(qmin, qmax)
                 else:
-                    torch.bucketize(x, grid.mids, out=ii)
-                    qi = torch.index_select(grid.values, 0, ii, out=q)
-            if offsets is None:  # the error w - value, in place of the column
+                    torch.bucketize(x, grid.mids, out=idx_rows[c])
+                    torch.index_select(grid.values, 0, idx_flat[c], out=q)
+                    qi = q2
+            if offset_cols is None:  # the error w - value, in place of the column
                 wi.addcmul_(qi, s, value=-1)
             else:
                 torch.sub(x, qi, out=wi).mul_(s)
-            j2 = min(i - i % inner + inner, i2 - i1)  # the end of this column's sub-block
-            if i + 1 < j2:  # the sub-block's later columns, one rank-1 update (a few rows of W^T: cache-resident)
-                w1[i + 1:j2].addr_(hrow[i + 1:j2], wi, alpha=-1)
-            elif j2 < i2 - i1:  # the sub-block is done: the block's later columns, in one matmul
+            j2 = min(c - c % inner + inner, i2 - i1) + i1  # the end of this column's sub-block
+            if i + 1 < j2:  # the sub-block's later columns, one rank-1 update (cache-resident)
+                wt[:, i + 1:j2].addcmul_(h_cols[i][:, i + 1:j2], w_cols_u[i], value=-1)
+            elif j2 < i2:  # the sub-block is done: the block's later columns, in one matmul per problem
                 j1 = j2 - inner
-                w1[j2:].addmm_(h1[j1:j2, j2:].t(), w1[j1:j2], alpha=-1)
+                wt[:, j2:i2].baddbmm_(hinv[:, j1:j2, j2:i2].transpose(1, 2), wt[:, j1:j2], alpha=-1)
         k = i2 - i1
         if grid.table is None:
             codes[i1:i2] = qs[:k]
+        elif perm is None:  # a sorted table (nf4): its indices are the codes
+            codes[i1:i2] = qs[:k].sub(qmin) if grid.uniform else idx[:k]
         else:  # stored codes: the sorted table's indices through its permutation (a flat lookup: fastest)
-            sorted_idx = qs[:k].sub(qmin).long() if grid.uniform else idx[:k].long()
+            sorted_idx = (qs[:k].sub(qmin) if grid.uniform else idx[:k]).to(torch.int32)
             torch.index_select(perm, 0, sorted_idx.view(-1), out=codes[i1:i2].view(-1))
-        if energy is not None:
-            energy.addmv_(w1.square().t(), diag[i1:i2].square().reciprocal())
+        w1 = wt[:, i1:i2]  # at the end of a block it holds the errors
+        energy.baddbmm_(dinv2[:, :, i1:i2], w1.square())
         if i2 < n:
-            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), w1, alpha=-1)
-    codes = codes.t().contiguous().cpu()  # int16: a quarter of int64's memory for the stacked rows
-    return (codes, energy.cpu()) if energy is not None else codes
+            wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), w1, alpha=-1)
+    out = []
+    for g, (w, _, _) in enumerate(problems):
+        r = w.shape[1]
+        out.append((codes[:, g, :r].t().contiguous().cpu(), energy[g, 0, :r].cpu()))
+    return out
 
 
 DITHER_LEVELS = 1024  # the fixed dither's resolution: u = (k + 1/2) / 1024, exact in float16
@@ -463,86 +546,124 @@ def requantize_group(merged: dict[str, Tensor], base_packed: dict[str, dict[str,
             grid, in the same stacked pass) into Rounded.without: the export's format alone, the floor the
             update is measured against.
     """
-    without = without or {}
-    if method == "dither":  # merge-aware nf4 / fp4: the rounding the training forward used, on the same grid
-        out = {}
-        for n, w in merged.items():
+    return requantize_groups([(merged, base_packed, hessian, without)], q, method, device)[0]
+
+
+def requantize_groups(groups: list[tuple], q: QuantConfig, method: str, device: torch.device | str | None = None
+                      ) -> list[dict[str, Rounded]]:
+    """requantize_group for several groups at once, [(merged, base_packed, hessian, without)] -> [{name: Rounded}]:
+    GPTQ's rounds of all of them go through gptq_many together (a small block's groups of one input width in one
+    column loop), each group with its own H."""
+    if method != "gptq":
+        return [_requantize_direct(m, b, q, method, w or {}) for m, b, _, w in groups]
+    dev = device or "cpu"
+    plans = [_GroupRound(m, b, q, h, dev, w or {}) for m, b, h, w in groups]
+    done = _run_rounds([(p, p.first()) for p in plans], dev)
+    rest = _run_rounds([(p, p.second(d)) for p, d in zip(plans, done, strict=True)], dev)
+    return [p.finish(d, r) for p, d, r in zip(plans, done, rest, strict=True)]
+
+
+def _requantize_direct(merged: dict, base_packed: dict, q: QuantConfig, method: str, without: dict) -> dict:
+    """Round to nearest, or the fixed dither (merge-aware nf4 / fp4: the rounding the training forward used, on
+    the same grid); the floor (the weight without the update) the same way."""
+    out = {}
+    for n, w in merged.items():
+        if method == "dither":
             packed = dithered_export(w, base_packed.get(n), q)
-            floor = None
-            if n in without:
-                floor = _dequantize(dithered_export(without[n], base_packed.get(n), q), w.shape, q)
+            floor = (_dequantize(dithered_export(without[n], base_packed.get(n), q), w.shape, q)
+                     if n in without else None)
             out[n] = Rounded(packed, _dequantize(packed, w.shape, q), "base" if base_packed.get(n) else "fresh", floor)
-        return out
-    fresh = {n: formats.quantize(w, q, codes=method == "rtn") for n, w in merged.items()}  # gptq: scales alone
-    if method == "rtn":  # the floor: the weight without the update rounded to nearest too
-        return {n: Rounded(p, _dequantize(p, merged[n].shape, q), "fresh",
-                           _dequantize(formats.quantize(without[n], q), merged[n].shape, q) if n in without else None)
-                for n, p in fresh.items()}
-    alone = {n: base_packed.get(n) or formats.quantize(w, q, codes=False) for n, w in without.items()}
-    # two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
-    # block's range), and the base's own; the lower output error on the calibration inputs wins. Rows are
-    # independent given H, so a quarter of them (every TRIAL_STRIDE-th) rounded on both grids chooses, and only
-    # the winner rounds the rest (1.25 passes, not 2)
-    cands = {(n, "fresh"): (p, merged[n]) for n, p in fresh.items()}
-    cands.update({(n, "base"): (p, merged[n]) for n, p in base_packed.items() if p is not None})
-    cands.update({(n, "without"): (p, without[n]) for n, p in alone.items()})
-    grids = {k: _grid(like, tuple(w.shape), q) for k, (like, w) in cands.items()}
-    factor = gptq_factor(hessian, device=device or "cpu")  # once for all the group's rows
-    run = _RowJobs(hessian, factor, device)
-    contested = [n for n in merged if (n, "base") in cands and merged[n].shape[0] >= TRIAL_MIN_ROWS]
-    trial = {n: torch.arange(0, merged[n].shape[0], TRIAL_STRIDE) for n in contested}
-    done = run({(n, label): (trial[n], grids[n, label], merged[n]) for n in contested for label in ("fresh", "base")})
-    winner = {n: min(("fresh", "base"), key=lambda label: float(done[n, label][1].sum(dtype=torch.float64)))
-              for n in contested}
-    jobs = {}
-    for (n, label), (_, w) in cands.items():
-        if n in winner and label != winner[n]:
-            continue
-        rows = torch.arange(w.shape[0])
-        if n in winner:  # the winner's rows the trial left
-            rows = rows[rows % TRIAL_STRIDE != 0]
-        jobs[n, label] = (rows, grids[n, label], w)
-    rest = run(jobs)
-    del factor, run
-    best: dict[str, tuple[float, Rounded]] = {}
-    floors: dict[str, Tensor] = {}
-    for (n, label), (rows, _, w) in jobs.items():
-        codes = torch.empty(w.shape, dtype=torch.int16)
-        energy = torch.empty(w.shape[0])
-        codes[rows], energy[rows] = rest[n, label]
-        if n in winner:
-            codes[trial[n]], energy[trial[n]] = done[n, label]
-        like = cands[n, label][0]
-        packed = _pack(codes, like, q.quant, tuple(w.shape))
-        value = _dequantize(packed, w.shape, q)
-        del codes
-        if label == "without":
-            floors[n] = value
-            continue
-        # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
-        err = float(energy.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
-        if n not in best or err < best[n][0]:  # (without a trial: both grids rounded whole, the lower error)
-            best[n] = (err, Rounded(packed, value, label, error_energy=max(err, 0.0)))
-    for n, f in floors.items():
-        best[n][1].without = f
-    return {n: r for n, (_, r) in best.items()}
+        else:
+            packed = formats.quantize(w, q)
+            floor = _dequantize(formats.quantize(without[n], q), w.shape, q) if n in without else None
+            out[n] = Rounded(packed, _dequantize(packed, w.shape, q), "fresh", floor)
+    return out
+
+
+class _GroupRound:
+    """GPTQ for one group of layers sharing H, in two rounds of row jobs.
+
+    Two candidate grids per layer: fresh scales from the merged weight (needed when the update changes a
+    block's range), and the base's own; the lower output error on the calibration inputs wins. Rows are
+    independent given H, so a quarter of them (every TRIAL_STRIDE-th) rounded on both grids chooses, and only
+    the winner rounds the rest (1.25 passes, not 2). The first round holds the trials, the small layers' both
+    grids whole and the floor's rows (every layer's: the weight without the update, on its own grid); the
+    second, the winners' remaining rows."""
+
+    def __init__(self, merged: dict, base_packed: dict, q: QuantConfig, hessian: Tensor, device, without: dict):
+        self.merged, self.q, self.hessian = merged, q, hessian
+        fresh = {n: formats.quantize(w, q, codes=False) for n, w in merged.items()}  # scales alone
+        alone = {n: base_packed.get(n) or formats.quantize(w, q, codes=False) for n, w in without.items()}
+        self.cands = {(n, "fresh"): (p, merged[n]) for n, p in fresh.items()}
+        self.cands.update({(n, "base"): (p, merged[n]) for n, p in base_packed.items() if p is not None})
+        self.cands.update({(n, "without"): (p, without[n]) for n, p in alone.items()})
+        self.grids = {k: _grid(like, tuple(w.shape), q) for k, (like, w) in self.cands.items()}
+        self.factor = gptq_factor(hessian, device=device)  # once for all the group's rows
+        contested = [n for n in merged if (n, "base") in self.cands and merged[n].shape[0] >= TRIAL_MIN_ROWS]
+        self.trial = {n: torch.arange(0, merged[n].shape[0], TRIAL_STRIDE) for n in contested}
+        self.winner: dict[str, str] = {}
+        self.jobs: dict = {}
+
+    def first(self) -> dict:
+        jobs = {(n, label): (t, self.grids[n, label], self.merged[n]) for n, t in self.trial.items()
+                for label in ("fresh", "base")}
+        jobs.update({(n, label): (torch.arange(w.shape[0]), self.grids[n, label], w)
+                     for (n, label), (_, w) in self.cands.items() if n not in self.trial or label == "without"})
+        return jobs
+
+    def second(self, done: dict) -> dict:
+        self.winner = {n: min(("fresh", "base"), key=lambda label: float(done[n, label][1].sum(dtype=torch.float64)))
+                       for n in self.trial}
+        jobs = {}
+        for n, label in self.winner.items():  # the winner's rows the trial left
+            rows = torch.arange(self.merged[n].shape[0])
+            jobs[n, label] = (rows[rows % TRIAL_STRIDE != 0], self.grids[n, label], self.merged[n])
+        return jobs
+
+    def finish(self, done: dict, rest: dict) -> dict[str, Rounded]:
+        q, hessian = self.q, self.hessian
+        self.factor = None
+        best: dict[str, tuple[float, Rounded]] = {}
+        floors: dict[str, Tensor] = {}
+        for (n, label), (like, w) in self.cands.items():
+            if n in self.winner and label not in (self.winner[n], "without"):
+                continue
+            if n in self.winner and label != "without":  # the trial's rows and the rest's
+                codes = torch.empty(w.shape, dtype=torch.int16)
+                energy = torch.empty(w.shape[0])
+                trial = self.trial[n]
+                rows = torch.ones(w.shape[0], dtype=torch.bool)
+                rows[trial] = False
+                codes[rows], energy[rows] = rest[n, label]
+                codes[trial], energy[trial] = done[n, label]
+            else:
+                codes, energy = done[n, label]
+            packed = _pack(codes, like, q.quant, tuple(w.shape))
+            value = _dequantize(packed, w.shape, q)
+            del codes
+            if label == "without":
+                floors[n] = value
+                continue
+            # ||X (Q - W')^T||^2 on the calibration inputs, from the rounding's own errors
+            err = float(energy.sum(dtype=torch.float64) - energy_correction(value - w, hessian).sum(dtype=torch.float64))
+            if n not in best or err < best[n][0]:  # (without a trial: both grids rounded whole, the lower error)
+                best[n] = (err, Rounded(packed, value, label, error_energy=max(err, 0.0)))
+        for n, f in floors.items():
+            best[n][1].without = f
+        return {n: r for n, (_, r) in best.items()}
 
 
 TRIAL_STRIDE = 4  # every 4th row of a layer, rounded on both candidate grids, chooses between them
 TRIAL_MIN_ROWS = 1024  # smaller layers round both grids whole: their loop is dispatch-bound, a trial would add one
 
 
-class _RowJobs:
-    """GPTQ on chosen rows of several weights that share H, stacked into passes of at most CHUNK_BYTES of W^T:
-    {key: (row indices (distinct, ascending), the weight's Grid, W)} -> {key: (codes (rows, in) int16, damped
-    output error per row)}."""
-
-    def __init__(self, hessian: Tensor, factor: tuple[Tensor, Tensor], device):
-        self.hessian, self.factor, self.device = hessian, factor, device
-
-    def __call__(self, jobs: dict) -> dict:
+def _run_rounds(rounds: list[tuple[_GroupRound, dict]], device) -> list[dict]:
+    """Row jobs of several groups, {key: (row indices (distinct, ascending), Grid, W)} each -> {key: (codes (rows,
+    in) int16, damped output error per row)} each. A group's jobs are stacked into problems of at most
+    CHUNK_BYTES of W^T (rows of one H), and the problems of all groups rounded by gptq_many."""
+    problems, where = [], []
+    for g, (plan, jobs) in enumerate(rounds):
         keys = list(jobs)
-        out = {}
         for chunk in _chunks([len(jobs[k][0]) * jobs[k][2].shape[1] * 4 for k in keys], CHUNK_BYTES):
             n_in = jobs[keys[chunk[0]]][2].shape[1]
             wt = torch.empty(n_in, sum(len(jobs[keys[i]][0]) for i in chunk))  # (in, rows): the copy rounded
@@ -552,15 +673,17 @@ class _RowJobs:
                 wt[:, at:at + len(rows)] = (w if len(rows) == w.shape[0] else w[rows]).t()
                 at += len(rows)
             grid = Grid.stack([jobs[keys[i]][1].rows(jobs[keys[i]][0]) for i in chunk])
-            codes, energy = gptq_codes(wt, self.hessian, grid, device=self.device, input_major=True,
-                                       return_energy=True, factor=self.factor)
-            del wt
-            at = 0
-            for i in chunk:
-                k = len(jobs[keys[i]][0])
-                out[keys[i]] = (codes[at:at + k], energy[at:at + k])
-                at += k
-        return out
+            problems.append((wt, plan.factor, grid))
+            where.append((g, [keys[i] for i in chunk], [len(jobs[keys[i]][0]) for i in chunk]))
+    results = gptq_many(problems, device, in_place=True)
+    del problems
+    out: list[dict] = [{} for _ in rounds]
+    for (g, keys, sizes), (codes, energy) in zip(where, results, strict=True):
+        at = 0
+        for k, size in zip(keys, sizes, strict=True):
+            out[g][k] = (codes[at:at + size], energy[at:at + size])
+            at += size
+    return out
 
 
 def _grid(like: dict[str, Tensor], shape: tuple[int, int], q: QuantConfig) -> Grid:
