@@ -355,7 +355,7 @@ class _Streamed:
             del groups, rounded  # the group's weights: all handed back before the next
             if p.big:
                 allocator.trim()  # with the small ones malloc keeps (without it the 780M case peaks 90 MiB higher)
-        p.base = p.stats = None  # not needed past the rounding
+        p.stats = None  # not needed past the rounding (a small block's decoded weights are: the floor's stream)
         allocator.own_mappings_from(MMAP_BYTES)
         if p.big:
             allocator.trim()  # the rounding's working set, handed back before the export's streams
