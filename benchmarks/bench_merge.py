@@ -76,19 +76,25 @@ def plan_only(config_path: str, fmt: str) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from qlora_kit import merge_report
+    from qlora_kit import export, merge_report
     from qlora_kit.config import MergeConfig, QuantConfig
     from qlora_kit.loading import decoder_layers
     from qlora_kit.memory.models import meta_quantized
 
     config = AutoConfig.from_pretrained(config_path)
+    source = getattr(config, "dtype", None) or torch.float32  # (read first: building the model changes it)
+    source = getattr(torch, source) if isinstance(source, str) else source
     model = meta_quantized(config, QuantConfig(quant="nf4", compute_dtype=torch.float32), "cpu")
     name, _ = decoder_layers(model)
     cfg = MergeConfig(adapter="-", out="-", format=fmt)
     untied = None if config.tie_word_embeddings else ("model.embed_tokens.weight", "lm_head.weight")
     q = QuantConfig(quant=fmt if cfg.quantized else "nf4", compute_dtype=torch.float32)
     calib_rows = -(-cfg.calib_tokens // cfg.seq_len)
-    p = merge_report.plan(model, name, untied, cfg, q, calib_rows, cfg.eval_sequences, 4)
+    # the checkpoint's dtype (config.json's) against the export's dense one: whether the export changes the
+    # tensors outside the blocks (a 16-bit value widened to fp32 is unchanged)
+    dense = export.dense_dtype(cfg)
+    copied = source != dense and (dense != torch.float32 or source == torch.float64)
+    p = merge_report.plan(model, name, untied, cfg, q, calib_rows, cfg.eval_sequences, 4, outside_copied=copied)
     print(merge_report.format_plan(p, cfg))
     return p
 

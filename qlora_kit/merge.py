@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -100,7 +101,8 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
         log(f"the adapter was trained merge-aware for {aware}: exporting with its rounding "
             f"({'the fixed dither' if method == 'dither' else 'round to nearest'})")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
-                             len(eval_set), rows_per_forward(cfg.seq_len))
+                             len(eval_set), rows_per_forward(cfg.seq_len),
+                             outside_copied=target is not None or _outside_cast(parts, cfg))
     log(merge_report.format_plan(plan, cfg))
     if cfg.dry_run:
         return {"plan": plan}
@@ -174,6 +176,22 @@ def _checked_shapes(parts: CheckpointBlocks, qcfg: QuantConfig, path: Path, adap
         raise ValueError(f"{src}: {cfg.format} export of transposed Conv1D layers (GPT-2 style) is not supported; "
                          "export bf16/fp16/fp32 instead")
     return {"model": model, "lora": set(lora), "stacks": len(stacks)}
+
+
+def _outside_cast(parts: CheckpointBlocks, cfg: MergeConfig) -> bool:
+    """Whether the export stores any floating-point tensor outside the blocks in another dtype than the checkpoint's
+    (from the files' headers: nothing is read)."""
+    stored = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(export.dense_dtype(cfg))
+    inside = re.compile(rf"(^|\.){re.escape(parts.layers_name.rpartition('.')[2])}\.\d+\.")
+    for f in parts.files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                dtype = h.get_slice(k).get_dtype()
+                # (a 16-bit value widened to fp32 is unchanged)
+                changed = dtype != stored and (stored != "F32" or dtype == "F64")
+                if dtype in ("F64", "F32", "F16", "BF16") and changed and not inside.search(k):
+                    return True
+    return False
 
 
 # ---- the streamed merge --------------------------------------------------------------------------------
@@ -421,24 +439,28 @@ class _Streamed:
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             labels = batch["labels"][0, 1:]
             keep = labels != IGNORE_INDEX
+            all_scored = bool(keep.all())
             target = labels[keep][:, None]
-            logits, logp = {}, {}
+            ref = ref_lp = None  # the unmerged model's scored logits and log-softmax, until the export's are compared
             for k in ("base", "unmerged", "export", "export_base"):
                 if k not in streams:  # the export's format never changed the base: its loss is the base's
                     nll[k].append(nll["base"][-1])
                     continue
                 with blocks.swapped(written if k.startswith("export") else {}):
-                    full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)
-                lg = full[0, :-1][keep]  # (scored tokens, vocab)
+                    full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)[0, :-1]
+                lg = full if all_scored else full[keep]  # (scored tokens, vocab); a view when all are scored
+                del full
                 lp = lg.log_softmax(-1)
                 nll[k].append((-float(lp.gather(1, target).sum(dtype=torch.float64)), len(target)))
-                if k in ("unmerged", "export"):
-                    logits[k], logp[k] = lg, lp
-            ref, got = logits["unmerged"], logits["export"]
-            kl += float(F.kl_div(logp["export"], logp["unmerged"], log_target=True, reduction="sum"))
-            diff2 += float(torch.dist(got, ref)) ** 2
-            ref2 += float(ref.norm()) ** 2
-            tokens += ref.shape[0]
+                if k == "unmerged":
+                    ref, ref_lp = lg, lp
+                elif k == "export":
+                    kl += float(F.kl_div(lp, ref_lp, log_target=True, reduction="sum"))
+                    diff2 += float(torch.dist(lg, ref)) ** 2
+                    ref2 += float(ref.norm()) ** 2
+                    tokens += ref.shape[0]
+                    ref = ref_lp = None
+                del lg, lp  # one stream's (T, vocab) tensors at a time, besides the unmerged model's two
         ppl = {k: math.exp(sum(s for s, _ in v) / max(sum(c for _, c in v), 1)) for k, v in nll.items()}
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],
                "kl_merged_vs_unmerged": kl / max(tokens, 1),

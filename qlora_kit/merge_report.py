@@ -19,13 +19,15 @@ NOISE_Z = 2.0  # a gain smaller than this many times its noise is not measurable
 
 
 def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None, cfg: MergeConfig,
-         export_q: QuantConfig, calib_rows: int, eval_rows: int, batch: int) -> dict:
+         export_q: QuantConfig, calib_rows: int, eval_rows: int, batch: int, outside_copied: bool = True) -> dict:
     """Planned peak memory and output size, from the shapes of the (meta) quantized model alone.
 
     peak = the process now + the largest of: the tensors outside the blocks in fp32 (an untied embedding and
-    head one at a time) with one sequence's logits; one block read as trained, its dense fp32 weights and
-    the export's (two blocks' worth), its input statistics (one per group of layers sharing an input) and
-    the rounding's working set for its widest group; plus the carried activations.
+    head one at a time), twice when the export changes them (`outside_copied`: their stored values are held
+    beside them for the export's evaluation, at the start and at the end), with one sequence's logits; one
+    block read as trained, its dense fp32 weights and the export's (two blocks' worth), its input statistics
+    (one per group of layers sharing an input) and the rounding's working set for its widest group; plus the
+    carried activations.
     """
     name = layers_name
     text = model.config.get_text_config()
@@ -33,7 +35,11 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
     seq = cfg.seq_len
     rows = calib_rows + (4 * eval_rows if cfg.eval else 0)
     acts = rows * seq * hidden * 4
-    logits = seq * vocab * 4 * (4 if cfg.eval else 0)  # one sequence: unmerged, export, their log-softmaxes
+    # one sequence's (T, vocab) tensors: six alive at once at most (the unmerged model's scored logits and
+    # log-softmax, kept until the export's are compared; the export's logits, scored rows and log-softmax; the
+    # KL's temporary), and about as many again freed but still held by the heap they come from (measured on the
+    # quickstart: the report's phase peaks at the tensors outside the blocks + 12 of them)
+    logits = seq * vocab * 4 * (12 if cfg.eval else 0)
     outside, seen = 0, set()
     for n, p in model.named_parameters():
         if not n.startswith(name + ".") and id(p) not in seen:
@@ -64,6 +70,7 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
                 chunk = min(rows_stacked * in_f * 4, max(CHUNK_BYTES, outs[0] * in_f * 4))
                 work = max(work, in_f * in_f * 12 + chunk * 3 // 2 + 2 * outs[0] * in_f * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
+    outside *= 2 if outside_copied else 1
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()
     available = system_available()
