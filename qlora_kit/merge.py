@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -179,17 +178,19 @@ def _checked_shapes(parts: CheckpointBlocks, qcfg: QuantConfig, path: Path, adap
 
 
 def _outside_cast(parts: CheckpointBlocks, cfg: MergeConfig) -> bool:
-    """Whether the export stores any floating-point tensor outside the blocks in another dtype than the checkpoint's
-    (from the files' headers: nothing is read)."""
+    """Whether the export stores any floating-point tensor outside the blocks (those the merge loads) in another
+    dtype than the checkpoint's, from the files' headers (nothing is read)."""
     stored = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(export.dense_dtype(cfg))
-    inside = re.compile(rf"(^|\.){re.escape(parts.layers_name.rpartition('.')[2])}\.\d+\.")
-    for f in parts.files:
+    by_file: dict[Path, list[str]] = {}
+    for group in parts.groups.get(None, []):
+        for f, key in group.sources:
+            by_file.setdefault(f, []).append(key)
+    for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                dtype = h.get_slice(k).get_dtype()
+            for key in keys:
+                dtype = h.get_slice(key).get_dtype()
                 # (a 16-bit value widened to fp32 is unchanged)
-                changed = dtype != stored and (stored != "F32" or dtype == "F64")
-                if dtype in ("F64", "F32", "F16", "BF16") and changed and not inside.search(k):
+                if dtype in ("F64", "F32", "F16", "BF16") and dtype != stored and (stored != "F32" or dtype == "F64"):
                     return True
     return False
 
@@ -297,7 +298,9 @@ class _Streamed:
                 blocks.advance(block, i, streams["unmerged"])
         big = sum(m.out_features * m.in_features * 4 for m in lora.values()) >= TRIM_PHASES_BYTES
         # a large block's dense weights are decoded again a group at a time, not all held through the rounding
-        return _Pending(i, block, prefix, linears, lora, stacks, experts, None if big else base, stats, cast,
+        kept = None if big else {n: base[n] for n in lora}  # (the others' dense copies go now)
+        del base
+        return _Pending(i, block, prefix, linears, lora, stacks, experts, kept, stats, cast,
                         "export_base" in streams, big, sum(m.out_features * m.in_features * 4 for m in linears.values()))
 
     def _leave(self, p: _Pending, values: dict, writer: ShardWriter, streams: dict) -> None:
@@ -315,7 +318,7 @@ class _Streamed:
                 blocks.advance(block, p.i, streams["export"])
             if p.export_base:  # the export's format without the update: what rounding alone does
                 for n in p.lora:
-                    stored[n] = self._without_update(p, n)
+                    stored[n] = self._without_update(p, n, None if p.base is None else p.base[n])
                 with blocks.swapped(p.cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
                                                           bias_dtype=self.bias_dtype):
                     blocks.advance(block, p.i, streams["export_base"])
@@ -481,7 +484,7 @@ class _Pending:
     lora: dict[str, QuantLinear]
     stacks: set[str]  # the block's expert stacks
     experts: set[str]  # layers inside them
-    base: dict[str, Tensor] | None  # the decoded weights as trained (kept for small blocks)
+    base: dict[str, Tensor] | None  # the LoRA layers' decoded weights as trained (kept for small blocks)
     stats: InputStats | None
     cast: dict  # what the export stores for the block's other tensors
     export_base: bool  # whether the floor's stream runs through this block (forked at or before it)

@@ -70,7 +70,7 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
                 chunk = min(rows_stacked * in_f * 4, max(CHUNK_BYTES, outs[0] * in_f * 4))
                 work = max(work, in_f * in_f * 12 + chunk * 3 // 2 + 2 * outs[0] * in_f * 4)
         block_peak = max(block_peak, packed + 2 * dense + stats + work)
-    outside *= 2 if outside_copied else 1
+    outside *= 2 if outside_copied and cfg.eval else 1  # (the stored copies serve the evaluation alone)
     phase_peak = max(outside + logits, block_peak) + acts + 2 * batch * seq * max(hidden, 4 * hidden) * 4
     now = rss_now()
     available = system_available()

@@ -176,7 +176,8 @@ def gptq_many(problems: list[tuple[Tensor, tuple[Tensor, Tensor], Grid]], device
     dispatched once for all of them. For a few thousand rows a CPU spends most of the loop on that dispatch,
     so a small model's layers rounded together take a fraction of the time they take one by one; large
     layers gain nothing and go alone. The arithmetic of each is that of gptq_codes (the batch shares no
-    numbers across problems: rows are independent given their H).
+    numbers across problems: rows are independent given their H). With in_place, a problem rounded alone has its
+    W^T overwritten (it holds the errors after), and no copy of it is made.
     """
     dev = torch.device(device)
     out: list = [None] * len(problems)
@@ -188,8 +189,10 @@ def gptq_many(problems: list[tuple[Tensor, tuple[Tensor, Tensor], Grid]], device
         batch: list[int] = []
         for k in ks + [None]:
             if k is not None:
-                n, rows = problems[k][0].shape
-                if not batch or (len(batch) + 1) * n * problems[batch[0]][0].shape[1] * 4 <= BATCH_BYTES:
+                n = problems[k][0].shape[0]
+                # the padded W^T of the batch and a copy of each problem's H^-1 factor
+                size = (len(batch) + 1) * n * ((problems[batch[0]][0].shape[1] if batch else 0) + n) * 4
+                if not batch or size <= BATCH_BYTES:
                     batch.append(k)
                     continue
             done = _gptq_batch([problems[j] for j in batch], dev, block, inner, in_place and len(batch) == 1)
@@ -199,7 +202,7 @@ def gptq_many(problems: list[tuple[Tensor, tuple[Tensor, Tensor], Grid]], device
     return out
 
 
-BATCH_BYTES = 64 * 2**20  # padded W^T of the problems rounded in one column loop
+BATCH_BYTES = 64 * 2**20  # padded W^T of the problems rounded in one column loop, with a copy of each H^-1 factor
 
 
 def _gptq_batch(problems: list, dev: torch.device, block: int, inner: int, in_place: bool) -> list:
@@ -225,8 +228,8 @@ def _gptq_batch(problems: list, dev: torch.device, block: int, inner: int, in_pl
             if offsets is not None:
                 offsets[g, :, :s.shape[1]] = o
     del columns
-    if g_n == 1:
-        hinv, diag = (t.to(dev)[None] for t in problems[0][1])
+    if g_n == 1 or all(p[1] is problems[0][1] for p in problems):  # one H for all: a view, not G copies
+        hinv, diag = (t.to(dev)[None].expand(g_n, *t.shape) for t in problems[0][1])
     else:
         hinv = torch.stack([p[1][0].to(dev) for p in problems])  # (G, in, in)
         diag = torch.stack([p[1][1].to(dev) for p in problems])  # (G, in)
@@ -602,7 +605,6 @@ class _GroupRound:
         contested = [n for n in merged if (n, "base") in self.cands and merged[n].shape[0] >= TRIAL_MIN_ROWS]
         self.trial = {n: torch.arange(0, merged[n].shape[0], TRIAL_STRIDE) for n in contested}
         self.winner: dict[str, str] = {}
-        self.jobs: dict = {}
 
     def first(self) -> dict:
         jobs = {(n, label): (t, self.grids[n, label], self.merged[n]) for n, t in self.trial.items()
@@ -660,8 +662,18 @@ TRIAL_MIN_ROWS = 1024  # smaller layers round both grids whole: their loop is di
 def _run_rounds(rounds: list[tuple[_GroupRound, dict]], device) -> list[dict]:
     """Row jobs of several groups, {key: (row indices (distinct, ascending), Grid, W)} each -> {key: (codes (rows,
     in) int16, damped output error per row)} each. A group's jobs are stacked into problems of at most
-    CHUNK_BYTES of W^T (rows of one H), and the problems of all groups rounded by gptq_many."""
-    problems, where = [], []
+    CHUNK_BYTES of W^T (rows of one H). A problem of more than half of BATCH_BYTES is rounded as soon as it is
+    stacked and freed (a large layer's copies are never all held at once); the small ones of all groups are
+    rounded together by gptq_many."""
+    small, where = [], []
+    out: list[dict] = [{} for _ in rounds]
+
+    def spread(g: int, keys: list, sizes: list[int], codes: Tensor, energy: Tensor) -> None:
+        at = 0
+        for k, size in zip(keys, sizes, strict=True):
+            out[g][k] = (codes[at:at + size], energy[at:at + size])
+            at += size
+
     for g, (plan, jobs) in enumerate(rounds):
         keys = list(jobs)
         for chunk in _chunks([len(jobs[k][0]) * jobs[k][2].shape[1] * 4 for k in keys], CHUNK_BYTES):
@@ -673,16 +685,17 @@ def _run_rounds(rounds: list[tuple[_GroupRound, dict]], device) -> list[dict]:
                 wt[:, at:at + len(rows)] = (w if len(rows) == w.shape[0] else w[rows]).t()
                 at += len(rows)
             grid = Grid.stack([jobs[keys[i]][1].rows(jobs[keys[i]][0]) for i in chunk])
-            problems.append((wt, plan.factor, grid))
-            where.append((g, [keys[i] for i in chunk], [len(jobs[keys[i]][0]) for i in chunk]))
-    results = gptq_many(problems, device, in_place=True)
-    del problems
-    out: list[dict] = [{} for _ in rounds]
-    for (g, keys, sizes), (codes, energy) in zip(where, results, strict=True):
-        at = 0
-        for k, size in zip(keys, sizes, strict=True):
-            out[g][k] = (codes[at:at + size], energy[at:at + size])
-            at += size
+            place = (g, [keys[i] for i in chunk], [len(jobs[keys[i]][0]) for i in chunk])
+            if wt.numel() * 4 > BATCH_BYTES // 2:  # alone, now, in place
+                spread(*place, *gptq_many([(wt, plan.factor, grid)], device, in_place=True)[0])
+                del wt
+                continue
+            small.append((wt, plan.factor, grid))
+            where.append(place)
+    results = gptq_many(small, device, in_place=True)
+    del small
+    for place, result in zip(where, results, strict=True):
+        spread(*place, *result)
     return out
 
 

@@ -317,6 +317,32 @@ def test_gptq_matches_an_independent_float64_reference(kind):
     torch.testing.assert_close(energy, err["got"], rtol=1e-4, atol=0)  # fp32 loop against float64: 2.4e-5 seen
 
 
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8", "q4_0", "q4_1"])
+def test_gptq_many_rounds_each_problem_as_alone(quant):
+    """Weights with their own H, stacked into one column loop with padding rows (different row counts), get the
+    codes each gets alone, and the same output error; inputs 224 wide: a partial last block of columns, and nf4 /
+    fp4 blocks of 64 running across rows."""
+    from qlora_kit import formats, gguf_types, rounding
+    from qlora_kit.config import QuantConfig
+
+    torch.manual_seed(7)
+    n = 224 if quant not in gguf_types.TYPES else 256  # GGUF blocks of 32 along each row
+    q = QuantConfig(quant=quant, compute_dtype=torch.float32, blocksize=64)
+    problems, alone = [], []
+    for rows in (40, 18, 32):
+        w = torch.randn(rows, n)
+        x = torch.randn(300, n) * torch.linspace(0.2, 2, n)[torch.randperm(n)]
+        h = x.t() @ x
+        like = gguf_types.quantize(w, quant) if quant in gguf_types.TYPES else formats.quantize(w, q, codes=False)
+        grid = rounding._grid(like, (rows, n), q)
+        alone.append(gptq_codes(w, h, grid, return_energy=True))
+        problems.append((w.t().contiguous(), rounding.gptq_factor(h), grid))
+    got = rounding.gptq_many(problems)
+    for (codes, energy), (ref_codes, ref_energy) in zip(got, alone, strict=True):
+        assert torch.equal(codes, ref_codes)
+        torch.testing.assert_close(energy, ref_energy, rtol=1e-5, atol=0)  # batched matmuls: 2e-6 seen
+
+
 def test_refusals(run_model, text_file, trained, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="use --force"):
