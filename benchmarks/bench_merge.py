@@ -91,9 +91,8 @@ def plan_only(config_path: str, fmt: str) -> dict:
     q = QuantConfig(quant=fmt if cfg.quantized else "nf4", compute_dtype=torch.float32)
     calib_rows = -(-cfg.calib_tokens // cfg.seq_len)
     # the checkpoint's dtype (config.json's) against the export's dense one: whether the export changes the
-    # tensors outside the blocks (a 16-bit value widened to fp32 is unchanged)
-    dense = export.dense_dtype(cfg)
-    copied = source != dense and (dense != torch.float32 or source == torch.float64)
+    # tensors outside the blocks
+    copied = export.cast_changes_values(source, export.dense_dtype(cfg))
     p = merge_report.plan(model, name, untied, cfg, q, calib_rows, cfg.eval_sequences, 4, outside_copied=copied)
     print(merge_report.format_plan(p, cfg))
     return p

@@ -23,6 +23,12 @@ def dense_dtype(cfg: MergeConfig) -> torch.dtype:
     return parse_dtype(cfg.dtype if cfg.quantized else cfg.format)
 
 
+def cast_changes_values(source: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether storing tensors of dtype `source` as `stored` can change their values (a 16-bit value widened to
+    fp32 is kept exactly)."""
+    return source != stored and (stored != torch.float32 or source == torch.float64)
+
+
 def module_tensors(root: nn.Module, prefix: str, values: dict[str, object], cfg: MergeConfig, export_q: QuantConfig,
                    trained_dtype: torch.dtype, seen: set[int],
                    skip: str | None = None) -> Iterator[tuple[str, Tensor, torch.dtype]]:

@@ -180,7 +180,8 @@ def _checked_shapes(parts: CheckpointBlocks, qcfg: QuantConfig, path: Path, adap
 def _outside_cast(parts: CheckpointBlocks, cfg: MergeConfig) -> bool:
     """Whether the export stores any floating-point tensor outside the blocks (those the merge loads) in another
     dtype than the checkpoint's, from the files' headers (nothing is read)."""
-    stored = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(export.dense_dtype(cfg))
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    stored = export.dense_dtype(cfg)
     by_file: dict[Path, list[str]] = {}
     for group in parts.groups.get(None, []):
         for f, key in group.sources:
@@ -188,9 +189,8 @@ def _outside_cast(parts: CheckpointBlocks, cfg: MergeConfig) -> bool:
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as h:
             for key in keys:
-                dtype = h.get_slice(key).get_dtype()
-                # (a 16-bit value widened to fp32 is unchanged)
-                if dtype in ("F64", "F32", "F16", "BF16") and dtype != stored and (stored != "F32" or dtype == "F64"):
+                dtype = dtypes.get(h.get_slice(key).get_dtype())
+                if dtype is not None and export.cast_changes_values(dtype, stored):
                     return True
     return False
 
@@ -242,13 +242,12 @@ class _Streamed:
         rows, untrimmed = [], 0
         for i in range(len(layers)):
             p = self._enter(i, cal, streams)
-            p_bytes = p.bytes
             values, block_rows = self._round(p)
             rows += block_rows
             self._leave(p, values, writer, streams)
+            untrimmed += p.bytes
             del p, values
             parts.drop(i)
-            untrimmed += p_bytes
             if untrimmed >= TRIM_PHASES_BYTES or i == len(layers) - 1:  # small blocks: a trim per 64 MB of them
                 allocator.trim()
                 untrimmed = 0
@@ -300,8 +299,8 @@ class _Streamed:
         # a large block's dense weights are decoded again a group at a time, not all held through the rounding
         kept = None if big else {n: base[n] for n in lora}  # (the others' dense copies go now)
         del base
-        return _Pending(i, block, prefix, linears, lora, stacks, experts, kept, stats, cast,
-                        "export_base" in streams, big, sum(m.out_features * m.in_features * 4 for m in linears.values()))
+        return _Pending(i, block, prefix, linears, lora, stacks, experts, kept, stats, cast, big,
+                        sum(m.out_features * m.in_features * 4 for m in linears.values()))
 
     def _leave(self, p: _Pending, values: dict, writer: ShardWriter, streams: dict) -> None:
         """Block p written, and the export's activations (and the floor's) carried through it."""
@@ -316,7 +315,7 @@ class _Streamed:
             with blocks.swapped(p.cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
                                                       bias_dtype=self.bias_dtype):
                 blocks.advance(block, p.i, streams["export"])
-            if p.export_base:  # the export's format without the update: what rounding alone does
+            if "export_base" in streams:  # the export's format without the update: what rounding alone does
                 for n in p.lora:
                     stored[n] = self._without_update(p, n, None if p.base is None else p.base[n])
                 with blocks.swapped(p.cast), blocks.twins(block, prefix, linears, stored, keep_lora=False,
@@ -368,11 +367,10 @@ class _Streamed:
         work = list(p.groups().items())
         for part in ([[w] for w in work] if p.big else [work]):
             groups = [self._group(p, key, names) for key, names in part]
-            rounded = requantize_groups([g.spec for g in groups if g.spec is not None], self.export_q, self.method,
-                                        self.device)
-            rounded.reverse()
+            rounded = iter(requantize_groups([g.spec for g in groups if g.spec is not None], self.export_q,
+                                             self.method, self.device))
             for g in groups:
-                self._rows(p, g, rounded.pop() if g.spec is not None else {}, values, rows)
+                self._rows(p, g, next(rounded) if g.spec is not None else {}, values, rows)
             del groups, rounded  # the group's weights: all handed back before the next
             if p.big:
                 allocator.trim()  # with the small ones malloc keeps (without it the 780M case peaks 90 MiB higher)
@@ -487,7 +485,6 @@ class _Pending:
     base: dict[str, Tensor] | None  # the LoRA layers' decoded weights as trained (kept for small blocks)
     stats: InputStats | None
     cast: dict  # what the export stores for the block's other tensors
-    export_base: bool  # whether the floor's stream runs through this block (forked at or before it)
     big: bool  # whether its LoRA layers are TRIM_PHASES_BYTES or more in fp32
     bytes: int  # its linear layers in fp32
     floor: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # layers rounded without their update
