@@ -17,8 +17,8 @@ def test_help_leaves_stderr_empty():
     assert proc.stderr == ""
 
 
-def test_an_error_is_exactly_one_line():
-    proc = run_cli("train", "--model", "/nonexistent", "--no-progress")
+def test_an_error_is_exactly_one_line(tmp_path):
+    proc = run_cli("train", "--model", "/nonexistent", "--out", str(tmp_path / "run"), "--no-progress")
     assert proc.returncode == 2
     assert proc.stderr == "qlora-kit train: error: /nonexistent: no such model folder\n"
 
