@@ -96,9 +96,10 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     aware = adapter_cfg.get(MERGE_AWARE)
     if aware == cfg.format and cfg.method == "auto" and cfg.onto == "quantized":
         # trained against this format's rounding: that rounding is the model it learned
-        method = "dither" if adapter_cfg.get(MERGE_AWARE_ROUNDING) == "dither" else "rtn"
+        method = {"dither": "dither", "fitted": "fitted"}.get(adapter_cfg.get(MERGE_AWARE_ROUNDING), "rtn")
+        how = {"dither": "the fixed dither", "fitted": "round to nearest on scales fitted to the base"}
         log(f"the adapter was trained merge-aware for {aware}: exporting with its rounding "
-            f"({'the fixed dither' if method == 'dither' else 'round to nearest'})")
+            f"({how.get(method, 'round to nearest')})")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
                              len(eval_set), rows_per_forward(cfg.seq_len),
                              outside_copied=target is not None or _outside_cast(parts, cfg))
@@ -436,32 +437,41 @@ class _Streamed:
         nll = {k: [] for k in ("base", "unmerged", "export", "export_base")}
         kl, diff2, ref2, tokens = 0.0, 0.0, 0.0, 0
         rows = [(b, r) for b, batch in enumerate(streams["base"].batches) for r in range(len(batch["input_ids"]))]
-        for b, r in rows:  # one sequence at a time: (T, vocab) logits of one row, not of a minibatch
+        for b, r in rows:  # one sequence at a time: (T, vocab) logits of one row (of two streams), not of a minibatch
             batch = {key: v[r:r + 1] for key, v in streams["base"].batches[b].items()}
             labels = batch["labels"][0, 1:]
             keep = labels != IGNORE_INDEX
             all_scored = bool(keep.all())
             target = labels[keep][:, None]
             ref = ref_lp = None  # the unmerged model's scored logits and log-softmax, until the export's are compared
-            for k in ("base", "unmerged", "export", "export_base"):
-                if k not in streams:  # the export's format never changed the base: its loss is the base's
-                    nll[k].append(nll["base"][-1])
-                    continue
-                with blocks.swapped(written if k.startswith("export") else {}):
-                    full = blocks.head(model, layers, streams[k].hidden[b][r:r + 1], batch, as_tuple)[0, :-1]
-                lg = full if all_scored else full[keep]  # (scored tokens, vocab); a view when all are scored
-                del full
-                lp = lg.log_softmax(-1)
-                nll[k].append((-float(lp.gather(1, target).sum(dtype=torch.float64)), len(target)))
-                if k == "unmerged":
-                    ref, ref_lp = lg, lp
-                elif k == "export":
-                    kl += float(F.kl_div(lp, ref_lp, log_target=True, reduction="sum"))
-                    diff2 += float(torch.dist(lg, ref)) ** 2
-                    ref2 += float(ref.norm()) ** 2
-                    tokens += ref.shape[0]
-                    ref = ref_lp = None
-                del lg, lp  # one stream's (T, vocab) tensors at a time, besides the unmerged model's two
+            # two streams with the same head (the trained one; the stored one) in one matmul: the head's weight is
+            # read from memory once for both rows (a (T, vocab) product is bound by that read: 1.5x faster)
+            for pair in (("base", "unmerged"), ("export", "export_base")):
+                present = [k for k in pair if k in streams]
+                with blocks.swapped(written if pair[0] == "export" else {}):
+                    both = blocks.head(model, layers, torch.cat([streams[k].hidden[b][r:r + 1] for k in present]),
+                                       {key: v.expand(len(present), *v.shape[1:]) for key, v in batch.items()},
+                                       as_tuple)[:, :-1]
+                for k in pair:
+                    if k not in streams:  # the export's format never changed the base: its loss is the base's
+                        nll[k].append(nll["base"][-1])
+                        continue
+                    full = both[present.index(k)]
+                    lg = full if all_scored else full[keep]  # (scored tokens, vocab)
+                    if k == "unmerged":
+                        lg = lg.clone()  # (not a view holding the pair's logits)
+                    lp = lg.log_softmax(-1)
+                    nll[k].append((-float(lp.gather(1, target).sum(dtype=torch.float64)), len(target)))
+                    if k == "unmerged":
+                        ref, ref_lp = lg, lp
+                    elif k == "export":
+                        kl += float(F.kl_div(lp, ref_lp, log_target=True, reduction="sum"))
+                        diff2 += float(torch.dist(lg, ref)) ** 2
+                        ref2 += float(ref.norm()) ** 2
+                        tokens += ref.shape[0]
+                        ref = ref_lp = None
+                    del full, lg, lp
+                del both  # one pair's (T, vocab) tensors at a time, besides the unmerged model's two
         ppl = {k: math.exp(sum(s for s, _ in v) / max(sum(c for _, c in v), 1)) for k, v in nll.items()}
         out = {"ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["export"],
                "kl_merged_vs_unmerged": kl / max(tokens, 1),

@@ -35,11 +35,12 @@ def plan(model: nn.Module, layers_name: str, untied_ends: tuple[str, str] | None
     seq = cfg.seq_len
     rows = calib_rows + (4 * eval_rows if cfg.eval else 0)
     acts = rows * seq * hidden * 4
-    # one sequence's (T, vocab) tensors: six alive at once at most (the unmerged model's scored logits and
-    # log-softmax, kept until the export's are compared; the export's logits, scored rows and log-softmax; the
-    # KL's temporary), and about as many again freed but still held by the heap they come from (measured on the
-    # quickstart: the report's phase peaks at the tensors outside the blocks + 12 of them)
-    logits = seq * vocab * 4 * (12 if cfg.eval else 0)
+    # one sequence's (T, vocab) tensors: seven alive at once at most (the unmerged model's scored logits and
+    # log-softmax, kept until the export's are compared; the logits of the export and its floor, from one matmul;
+    # the export's scored rows and log-softmax; the KL's temporary), and about as many again freed but still held
+    # by the heap they come from (measured on the quickstart: the report's phase peaks at the tensors outside the
+    # blocks + 14-16 of them)
+    logits = seq * vocab * 4 * (16 if cfg.eval else 0)
     outside, seen = 0, set()
     for n, p in model.named_parameters():
         if not n.startswith(name + ".") and id(p) not in seen:
