@@ -96,10 +96,9 @@ def merge(cfg: MergeConfig, log=print, progress: bool | None = None) -> dict:
     aware = adapter_cfg.get(MERGE_AWARE)
     if aware == cfg.format and cfg.method == "auto" and cfg.onto == "quantized":
         # trained against this format's rounding: that rounding is the model it learned
-        method = {"dither": "dither", "fitted": "fitted"}.get(adapter_cfg.get(MERGE_AWARE_ROUNDING), "rtn")
-        how = {"dither": "the fixed dither", "fitted": "round to nearest on scales fitted to the base"}
+        method = "dither" if adapter_cfg.get(MERGE_AWARE_ROUNDING) == "dither" else "rtn"
         log(f"the adapter was trained merge-aware for {aware}: exporting with its rounding "
-            f"({how.get(method, 'round to nearest')})")
+            f"({'the fixed dither' if method == 'dither' else 'round to nearest'})")
     plan = merge_report.plan(shapes["model"], parts.layers_name, parts.untied_ends(), cfg, export_q, len(calib),
                              len(eval_set), rows_per_forward(cfg.seq_len),
                              outside_copied=target is not None or _outside_cast(parts, cfg))
