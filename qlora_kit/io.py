@@ -125,7 +125,7 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
@@ -156,7 +156,7 @@ class ShardWriter:
         if key in self.keys:
             raise ValueError(f"tensor {key!r} written twice")
         dtype = dtype or tensor.dtype
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be stored in safetensors")
         t = tensor.detach().to("cpu").reshape(-1)
         nbytes = t.numel() * dtype.itemsize
@@ -167,7 +167,7 @@ class ShardWriter:
         for piece in t.split(1 << 22):
             piece = piece.to(dtype).contiguous()
             self._guard(lambda p=piece: self.body.write(p.view(torch.uint8).numpy().data), "model.safetensors")
-        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
+        self.entries[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
                              "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
         self.total += nbytes

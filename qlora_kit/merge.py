@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from . import allocator, blocks, defaults, export, formats, merge_report
+from . import allocator, blocks, defaults, export, formats, io, merge_report
 from .adapters import BASE_QUANT, MERGE_AWARE, MERGE_AWARE_ROUNDING, apply_adapter, read_adapter
 from .config import GGUF_QUANTS, MergeConfig, QuantConfig, parse_dtype
 from .data import Sequences, load_dataset
@@ -180,7 +180,7 @@ def _checked_shapes(parts: CheckpointBlocks, qcfg: QuantConfig, path: Path, adap
 def _outside_cast(parts: CheckpointBlocks, cfg: MergeConfig) -> bool:
     """Whether the export stores any floating-point tensor outside the blocks (those the merge loads) in another
     dtype than the checkpoint's, from the files' headers (nothing is read)."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    dtypes = {name: t for t, name in io.SAFETENSORS_DTYPES.items() if t.is_floating_point and t.itemsize >= 2}
     stored = export.dense_dtype(cfg)
     by_file: dict[Path, list[str]] = {}
     for group in parts.groups.get(None, []):
@@ -457,7 +457,7 @@ class _Streamed:
                         continue
                     full = both[present.index(k)]
                     lg = full if all_scored else full[keep]  # (scored tokens, vocab)
-                    if k == "unmerged":
+                    if k == "unmerged" and all_scored:
                         lg = lg.clone()  # (not a view holding the pair's logits)
                     lp = lg.log_softmax(-1)
                     nll[k].append((-float(lp.gather(1, target).sum(dtype=torch.float64)), len(target)))

@@ -6,15 +6,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one thread per worker (and per process a test starts): `-n 2` on 2 cores with torch's default of a thread per
-    # core ran 4 spinning OpenMP threads on 2 cores, and test_memory.py took 2.3x as long
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker (and per process a test starts): `-n 2` on 2 cores with torch's default of a thread per
+    # core ran 4 spinning OpenMP threads on 2 cores, and test_memory.py took 2.3x as long
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in its interpreter (read at import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
